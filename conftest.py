@@ -1,0 +1,217 @@
+"""Test harness: real server.py processes on free ports, real Socket.IO clients."""
+
+import itertools
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import jwt
+import pytest
+import socketio
+
+HERE = Path(__file__).resolve().parent
+SERVER = HERE / "server.py"
+SECRET = "test-secret-that-is-long-enough-for-hs256"
+START_TIMEOUT_S = 20
+WAIT_S = 5
+
+TSHIRT = "64a1b2c3d4e5f67890123456"
+MUG = "64a1b2c3d4e5f67890123457"
+STICKERS = "64a1b2c3d4e5f67890123458"
+POSTER = "64a1b2c3d4e5f67890123459"
+
+NOTHING = object()
+_ids = itertools.count(1)
+
+
+def new_user_id(prefix: str = "user") -> str:
+    """A user id no other test uses, so presence and notifications don't mix."""
+    return f"{prefix}-{os.getpid()}-{next(_ids)}"
+
+
+def make_token(user_id, role="user", secret=SECRET, bearer=True, **claims) -> str:
+    payload = {"sub": user_id, "role": role, "exp": int(time.time()) + 3600, **claims}
+    if user_id is None:
+        payload.pop("sub")
+    token = jwt.encode(payload, secret, algorithm="HS256")
+    return f"Bearer {token}" if bearer else token
+
+
+class ServerProcess:
+    """`python server.py` on a free port with its own database."""
+
+    def __init__(self, workdir: Path, env: dict | None = None, args: tuple = (),
+                 db: Path | None = None) -> None:
+        self.workdir = workdir
+        self.db = db or workdir / "shop.db"
+        self.env = {**os.environ, "JWT_SECRET": SECRET, "RATE_LIMITS": "off", **(env or {})}
+        self.env = {k: v for k, v in self.env.items() if v is not None}
+        self.args = args
+        self.proc: subprocess.Popen | None = None
+        self.url = ""
+
+    def start(self) -> "ServerProcess":
+        self.stdout_path = self.workdir / f"stdout-{next(_ids)}.txt"
+        self.stderr_path = self.workdir / f"stderr-{next(_ids)}.txt"
+        self.proc = subprocess.Popen(
+            [sys.executable, str(SERVER), "--port", "0", "--db", str(self.db), *self.args],
+            cwd=self.workdir, env=self.env,
+            stdout=self.stdout_path.open("w"), stderr=self.stderr_path.open("w"))
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            match = re.search(r"listening on (http://\S+)", self.stdout())
+            if match:
+                self.url = match[1]
+                return self
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        raise RuntimeError(f"server did not start:\n{self.stdout()}\n{self.stderr()}")
+
+    def stdout(self) -> str:
+        return self.stdout_path.read_text()
+
+    def stderr(self) -> str:
+        return self.stderr_path.read_text()
+
+    def get(self, path: str) -> tuple[int, str, dict]:
+        try:
+            with urllib.request.urlopen(self.url + path, timeout=WAIT_S) as response:
+                return response.status, response.read().decode(), dict(response.headers)
+        except urllib.error.HTTPError as error:
+            return error.code, error.read().decode(), dict(error.headers)
+
+    def get_json(self, path: str):
+        status, body, _ = self.get(path)
+        assert status == 200, body
+        return json.loads(body)
+
+    def stock(self, product_id: str) -> int:
+        return next(p["stock"] for p in self.get_json("/api/products") if p["_id"] == product_id)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10) -> int:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode if self.proc else 0
+
+    def kill(self) -> None:
+        self.stop(signal.SIGKILL)
+
+
+class Tab:
+    """One browser tab: a python-socketio Client that records every event."""
+
+    def __init__(self, url: str, token: str | None = None, transports=("websocket",),
+                 headers: dict | None = None, auth: dict | None = None, query: str = "") -> None:
+        self.client = socketio.Client(reconnection=False)
+        self.events: list[tuple[str, object]] = []
+        self.changed = threading.Condition()
+        self.client.on("*", self._record)
+        self.client.on("disconnect", self._on_disconnect)
+        self.disconnected = threading.Event()
+        if auth is None and token is not None:
+            auth = {"token": token}
+        self.client.connect(url + query, auth=auth, headers=headers or {},
+                            transports=list(transports), wait_timeout=WAIT_S)
+        self.sid = self.client.get_sid()
+
+    def _record(self, event, *args):
+        with self.changed:
+            self.events.append((event, args[0] if len(args) == 1 else args))
+            self.changed.notify_all()
+
+    def _on_disconnect(self, *args):
+        self.disconnected.set()
+
+    def call(self, event: str, payload=NOTHING, timeout: float = WAIT_S):
+        """Emit with an ack and return the ack. Without a payload no argument is sent."""
+        if payload is NOTHING:
+            return self.client.call(event, timeout=timeout)
+        return self.client.call(event, (payload,), timeout=timeout)
+
+    def received(self, event: str) -> list:
+        with self.changed:
+            return [data for name, data in self.events if name == event]
+
+    def wait_for(self, event: str, match=lambda data: True, timeout: float = WAIT_S):
+        deadline = time.monotonic() + timeout
+        with self.changed:
+            while True:
+                for name, data in self.events:
+                    if name == event and match(data):
+                        return data
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(f"no {event!r} matching within {timeout}s; "
+                                         f"got {self.events}")
+                self.changed.wait(left)
+
+    def wait_count(self, event: str, count: int, timeout: float = WAIT_S) -> list:
+        deadline = time.monotonic() + timeout
+        with self.changed:
+            while len(self.received(event)) < count and time.monotonic() < deadline:
+                self.changed.wait(0.05)
+        return self.received(event)
+
+    def close(self) -> None:
+        if self.client.connected:
+            self.client.disconnect()
+
+
+def settle(seconds: float = 0.3) -> None:
+    """Give the server time to send what it would send, before asserting that
+    something did NOT arrive."""
+    time.sleep(seconds)
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory):
+    """The shared server: rate limits off, a known JWT secret."""
+    process = ServerProcess(tmp_path_factory.mktemp("shared")).start()
+    yield process
+    process.stop()
+
+
+@pytest.fixture
+def start_server(tmp_path):
+    """Start a server of the test's own, e.g. start_server(env={"REQUIRE_AUTH": "1"})."""
+    started = []
+
+    def start(env=None, args=(), db=None):
+        process = ServerProcess(tmp_path, env, args, db).start()
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        process.stop()
+
+
+@pytest.fixture
+def connect(server):
+    """Open tabs on a server (the shared one unless `on=` says otherwise)."""
+    tabs = []
+
+    def open_tab(user_id=None, role="user", on=None, token=None, **kwargs):
+        if token is None and user_id is not None:
+            token = make_token(user_id, role)
+        tab = Tab((on or server).url, token, **kwargs)
+        tabs.append(tab)
+        return tab
+
+    yield open_tab
+    for tab in tabs:
+        tab.close()

@@ -1,0 +1,1328 @@
+"""Shop Realtime: a Socket.IO server for an e-commerce real-time protocol.
+
+Rooms and chat, presence, personal notifications, orders with status changes
+and stock updates, over python-socketio hosted by eventlet, stored in SQLite.
+The protocol is described in README.md; this file reads top to bottom:
+
+    configuration -> storage -> auth -> validation -> rate limits ->
+    event handlers (in protocol order) -> notification worker ->
+    HTTP routes -> command line
+
+Run it with ``python server.py``; ``python server.py --help`` lists the options.
+"""
+
+# eventlet must patch the standard library before anything else imports it.
+# Its deprecation notice is documented in README.md rather than printed on
+# every start.
+import warnings
+
+warnings.filterwarnings("ignore", message=r"\s*Eventlet is deprecated")
+import eventlet
+
+eventlet.monkey_patch()
+
+import argparse
+import functools
+import itertools
+import json
+import logging
+import math
+import os
+import re
+import secrets
+import signal
+import socket
+import sqlite3
+import sys
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs
+
+import eventlet.queue
+import eventlet.wsgi
+import jwt
+import socketio
+from engineio.payload import Payload
+
+# PyJWT warns on every decode with a short HS256 key; the server warns once at
+# start instead (see load_secret).
+warnings.filterwarnings("ignore", category=jwt.InsecureKeyLengthWarning)
+
+# =============================================================================
+# Configuration
+# =============================================================================
+
+HERE = Path(__file__).resolve().parent
+SCHEMA_FILE = HERE / "schema.sql"
+TESTER_FILE = HERE / "ws-tester.html"
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8000
+DEFAULT_DATABASE = "app.db"
+DEFAULT_MAX_PAYLOAD_BYTES = 100_000
+DEFAULT_TOKEN_TTL = "24h"
+SECRET_SUFFIX = ".secret"
+SQLITE_BUSY_TIMEOUT_MS = 5000
+MAX_CONNECTIONS = 100_000          # eventlet's WSGI server would stop at 1024
+LISTEN_BACKLOG = 1024
+SHUTDOWN_POLL_S = 0.2
+SHUTDOWN_FLUSH_S = 0.3             # lets writer greenlets send the last emits
+
+# Protocol limits (README "WebSocket API").
+ROOM_MAX = 64
+TEXT_MAX = 2000
+META_MAX_BYTES = 4096
+TITLE_MAX = 200
+BODY_MAX = 2000
+USER_ID_MAX = 128
+ITEMS_MAX = 100
+IDEMPOTENCY_KEY_MAX = 64
+PAYMENT_METHOD_MAX = 64
+SHIPPING_ADDRESS_MAX_BYTES = 4096
+SHOWN_VALUE_MAX = 100              # longest client value echoed in an error
+
+RESERVED_ROOMS = {"admin", "admins"}
+ADMIN_ROOMS = ("admin", "admins")
+NOTIFICATION_TYPES = ("info", "warning", "error")
+PRIORITIES = ("low", "normal", "high")
+STATUSES = ("pending", "paid", "shipped", "completed", "cancelled")
+TRANSITIONS = {
+    "pending": {"paid", "cancelled"},
+    "paid": {"shipped", "cancelled"},
+    "shipped": {"completed"},
+    "completed": set(),
+    "cancelled": set(),
+}
+OWNER_MAY_SET = {"paid", "cancelled"}
+
+# Token buckets: event -> (events, window in seconds). "*" is every other event.
+DEFAULT_RATE_LIMITS: dict[str, tuple[int, float]] = {
+    "message": (20, 10.0),
+    "typing": (20, 10.0),
+    "notification:send": (10, 10.0),
+    "order:create": (5, 10.0),
+    "*": (50, 10.0),
+}
+ACK_LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+
+log = logging.getLogger("shop")
+
+
+class ConfigError(Exception):
+    """A setting the server cannot run with; main() prints it and exits 2."""
+
+
+@dataclass(frozen=True)
+class Config:
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
+    database: Path = Path(DEFAULT_DATABASE)
+    jwt_secret: str | None = None            # None: the dev secret in <db>.secret
+    redis_url: str | None = None
+    cors_origins: str | list[str] = "*"
+    require_auth: bool = False
+    max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES
+    rate_limits: dict[str, tuple[int, float]] | None = field(
+        default_factory=lambda: dict(DEFAULT_RATE_LIMITS))
+    notify_queue: bool = True
+    admin_ui: tuple[str, str] | None = None
+    verbose: bool = False
+
+
+def parse_port(text: str) -> int:
+    if not text.isdigit() or int(text) > 65535:
+        raise ConfigError(f"port must be a number from 0 to 65535, got {text!r}")
+    return int(text)
+
+
+def parse_flag(name: str, text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("", "0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name} must be 1 or 0, got {text!r}")
+
+
+def parse_duration(text: str) -> float:
+    """'500ms', '10s', '5m', '24h', '7d' or plain seconds -> seconds."""
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)?", text.strip())
+    if not match or float(match[1]) <= 0:
+        raise ConfigError(f"bad duration {text!r} (use e.g. 10s, 5m, 24h)")
+    scale = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}[match[2] or "s"]
+    return float(match[1]) * scale
+
+
+def parse_rate_limits(text: str) -> dict[str, tuple[int, float]] | None:
+    """'message=20/10s,order:create=5/10s' over the defaults; 'off' for none."""
+    if text.strip().lower() == "off":
+        return None
+    limits = dict(DEFAULT_RATE_LIMITS)
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        match = re.fullmatch(r"([\w:*]+)\s*=\s*(\d+)\s*/\s*(\S+)", part)
+        if not match:
+            raise ConfigError(f"RATE_LIMITS: {part!r} is not event=N/window (e.g. message=20/10s)")
+        event, count, window = match[1], int(match[2]), match[3]
+        if event not in HANDLED_EVENTS and event != "*":
+            raise ConfigError(f"RATE_LIMITS: unknown event {event!r}")
+        if count < 1:
+            raise ConfigError(f"RATE_LIMITS: {event} needs at least 1 event per window")
+        try:
+            limits[event] = (count, parse_duration(window))
+        except ConfigError as error:
+            raise ConfigError(f"RATE_LIMITS: {error}") from None
+    return limits
+
+
+def load_config(args: argparse.Namespace, env: Mapping[str, str]) -> Config:
+    """Flags win over environment variables, which win over defaults."""
+    max_payload = env.get("MAX_PAYLOAD_BYTES", str(DEFAULT_MAX_PAYLOAD_BYTES))
+    if not max_payload.isdigit() or int(max_payload) < 1000:
+        raise ConfigError(f"MAX_PAYLOAD_BYTES must be a whole number >= 1000, got {max_payload!r}")
+    admin_ui = None
+    if env.get("ADMIN_UI"):
+        user, colon, password = env["ADMIN_UI"].partition(":")
+        if not (user and colon and password):
+            raise ConfigError("ADMIN_UI must be user:password")
+        admin_ui = (user, password)
+    origins = env.get("CORS_ORIGINS", "*").strip() or "*"
+    return Config(
+        host=getattr(args, "host", None) or env.get("HOST", DEFAULT_HOST),
+        port=parse_port(str(args.port) if getattr(args, "port", None) is not None
+                        else env.get("PORT", str(DEFAULT_PORT))),
+        database=Path(args.db or env.get("DATABASE") or DEFAULT_DATABASE),
+        jwt_secret=env.get("JWT_SECRET") or None,
+        redis_url=env.get("REDIS_URL") or None,
+        cors_origins="*" if origins == "*" else [o.strip() for o in origins.split(",") if o.strip()],
+        require_auth=getattr(args, "require_auth", False)
+        or parse_flag("REQUIRE_AUTH", env.get("REQUIRE_AUTH", "0")),
+        max_payload_bytes=int(max_payload),
+        rate_limits=parse_rate_limits(env.get("RATE_LIMITS", "")),
+        notify_queue=parse_flag("NOTIFY_QUEUE", env.get("NOTIFY_QUEUE", "1")),
+        admin_ui=admin_ui,
+        verbose=getattr(args, "verbose", False),
+    )
+
+
+config = Config()  # replaced by main() before anything is served
+
+
+# =============================================================================
+# Storage
+# =============================================================================
+
+class Refusal(Exception):
+    """An expected failure. It becomes the ack {"error": message, **detail}."""
+
+    def __init__(self, message: str, **detail: Any) -> None:
+        super().__init__(message)
+        self.ack = {"error": message, **detail}
+
+
+def invalid(detail: str) -> Refusal:
+    return Refusal("Invalid payload", detail=detail)
+
+
+def now_iso() -> str:
+    """The time as JavaScript's Date.toISOString() writes it."""
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+_object_id_random = secrets.token_bytes(5)
+_object_id_counter = itertools.count(secrets.randbelow(1 << 24))
+
+
+def new_object_id() -> str:
+    """A MongoDB-style ObjectId: 4-byte seconds, 5 random bytes, 3-byte counter."""
+    counter = next(_object_id_counter) & 0xFFFFFF
+    return (int(time.time()).to_bytes(4, "big") + _object_id_random
+            + counter.to_bytes(3, "big")).hex()
+
+
+def to_cents(amount: float) -> int:
+    """Money is compared in whole cents, never as floats."""
+    return int((Decimal(repr(amount)) * 100).quantize(Decimal(1), rounding="ROUND_HALF_UP"))
+
+
+def from_cents(cents: int) -> int | float:
+    return cents // 100 if cents % 100 == 0 else cents / 100
+
+
+@dataclass(frozen=True)
+class User:
+    id: str
+    role: str = "user"
+    email: str | None = None
+    name: str | None = None
+    is_verified: bool = False
+
+    @property
+    def is_admin(self) -> bool:
+        return self.role == "admin"
+
+
+@dataclass(frozen=True)
+class OrderRequest:
+    items: list[tuple[str, int, int]]          # (product id, quantity, price in cents)
+    total_cents: int
+    shipping_address: dict | None = None
+    payment_method: str | None = None
+    idempotency_key: str | None = None
+
+
+@dataclass(frozen=True)
+class StockChange:
+    product_id: str
+    stock: int
+    delta: int
+
+
+class Storage:
+    """All SQL lives here. Each method is one short transaction that has
+    committed by the time it returns, so callers may emit straight after."""
+
+    def __init__(self) -> None:
+        self.db: sqlite3.Connection | None = None
+
+    def open(self, path: Path) -> None:
+        self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self.db.row_factory = sqlite3.Row
+        # WAL with synchronous=NORMAL: a commit survives a killed process
+        # (not a power cut) and readers never wait for the writer.
+        self.db.execute("PRAGMA journal_mode = WAL")
+        self.db.execute("PRAGMA synchronous = NORMAL")
+        self.db.execute("PRAGMA foreign_keys = ON")
+        self.db.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
+        self.db.executescript(SCHEMA_FILE.read_text(encoding="utf-8"))
+
+    def close(self) -> None:
+        if self.db is not None:
+            self.db.close()
+            self.db = None
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """BEGIN IMMEDIATE takes the write lock up front, so two requests
+        (or two processes) can never both read the same stock and act on it."""
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.db
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    # -- users and products ---------------------------------------------------
+
+    def upsert_user(self, user: User) -> None:
+        stamp = now_iso()
+        with self.transaction() as db:
+            db.execute(
+                "INSERT INTO users (id, role, email, name, is_verified, created_at, seen_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET"
+                " role = excluded.role, email = excluded.email, name = excluded.name,"
+                " is_verified = excluded.is_verified, seen_at = excluded.seen_at",
+                (user.id, user.role, user.email, user.name, int(user.is_verified), stamp, stamp))
+
+    def products(self) -> list[dict]:
+        rows = self.db.execute("SELECT id, name, price_cents, stock FROM products ORDER BY id")
+        return [{"_id": r["id"], "name": r["name"], "price": from_cents(r["price_cents"]),
+                 "stock": r["stock"]} for r in rows]
+
+    # -- orders -----------------------------------------------------------------
+
+    def create_order(self, user: User, request: OrderRequest) -> tuple[dict, bool]:
+        """Validate against the catalogue and write the order with its items.
+        Returns (order, duplicate); a duplicate is the original of a retry."""
+        with self.transaction() as db:
+            if request.idempotency_key is not None:
+                row = db.execute("SELECT id FROM orders WHERE user_id = ? AND idempotency_key = ?",
+                                 (user.id, request.idempotency_key)).fetchone()
+                if row:
+                    return self._order(row["id"]), True
+            products = {}
+            for n, (product_id, _, price_cents) in enumerate(request.items):
+                product = products.get(product_id) or db.execute(
+                    "SELECT price_cents, stock FROM products WHERE id = ?", (product_id,)).fetchone()
+                if product is None:
+                    raise Refusal(f"Product not found: {product_id}")
+                if price_cents != product["price_cents"]:
+                    raise Refusal(f"Price mismatch for items.{n} "
+                                  f"(catalogue price {from_cents(product['price_cents'])})")
+                products[product_id] = product
+            expected = sum(quantity * price for _, quantity, price in request.items)
+            if request.total_cents != expected:
+                raise Refusal(f"Total mismatch (expected {from_cents(expected)})")
+            for product_id, quantity in quantities(request.items).items():
+                if quantity > products[product_id]["stock"]:
+                    raise Refusal(f"Insufficient stock for product {product_id}")
+            order_id, stamp = new_object_id(), now_iso()
+            db.execute(
+                "INSERT INTO orders (id, user_id, status, total_cents, shipping_address,"
+                " payment_method, idempotency_key, created_at, updated_at)"
+                " VALUES (?, ?, 'pending', ?, ?, ?, ?, ?, ?)",
+                (order_id, user.id, request.total_cents,
+                 None if request.shipping_address is None else json.dumps(request.shipping_address),
+                 request.payment_method, request.idempotency_key, stamp, stamp))
+            db.executemany(
+                "INSERT INTO order_items (order_id, position, product_id, quantity, price_cents)"
+                " VALUES (?, ?, ?, ?, ?)",
+                [(order_id, n, *item) for n, item in enumerate(request.items)])
+            return self._order(order_id), False
+
+    def update_order_status(self, user: User, order_id: str, status: Any
+                            ) -> tuple[dict, bool, list[StockChange]]:
+        """Apply one status change and its stock movement, all or nothing.
+        Returns (order, changed, stock changes)."""
+        with self.transaction() as db:
+            row = db.execute("SELECT user_id, status FROM orders WHERE id = ?",
+                             (order_id,)).fetchone()
+            if row is None:
+                raise Refusal("Order not found")
+            if not (user.is_admin or row["user_id"] == user.id):
+                raise Refusal("Access denied")
+            if status not in STATUSES:
+                raise Refusal("Invalid status")
+            current = row["status"]
+            if status == current:
+                return self._order(order_id), False, []
+            if status not in TRANSITIONS[current]:
+                raise Refusal(f"Invalid status transition: {current} -> {status}")
+            if not user.is_admin and status not in OWNER_MAY_SET:
+                raise Refusal("Access denied")
+            changes = []
+            if status == "paid":
+                changes = self._move_stock(order_id, sign=-1)
+            elif current == "paid" and status == "cancelled":
+                changes = self._move_stock(order_id, sign=+1)
+            db.execute("UPDATE orders SET status = ?, updated_at = ? WHERE id = ?",
+                       (status, now_iso(), order_id))
+            return self._order(order_id), True, changes
+
+    def _move_stock(self, order_id: str, sign: int) -> list[StockChange]:
+        """Take (sign -1) or return (+1) every item's quantity. The CHECK-like
+        `stock >= ?` guard makes an oversell impossible even if two writers raced."""
+        items = self.db.execute(
+            "SELECT product_id, quantity, price_cents FROM order_items"
+            " WHERE order_id = ? ORDER BY position", (order_id,)).fetchall()
+        changes = []
+        for product_id, quantity in quantities(items).items():
+            row = self.db.execute(
+                "UPDATE products SET stock = stock + ? WHERE id = ? AND stock + ? >= 0"
+                " RETURNING stock", (sign * quantity, product_id, sign * quantity)).fetchone()
+            if row is None:
+                raise Refusal(f"Insufficient stock for product {product_id}")
+            changes.append(StockChange(product_id, row["stock"], sign * quantity))
+        return changes
+
+    def _order(self, order_id: str) -> dict:
+        """The order in the Mongo-style JSON shape the original backend returned."""
+        order = self.db.execute("SELECT * FROM orders WHERE id = ?", (order_id,)).fetchone()
+        items = self.db.execute(
+            "SELECT product_id, quantity, price_cents FROM order_items WHERE order_id = ?"
+            " ORDER BY position", (order_id,))
+        return {
+            "_id": order["id"],
+            "user": order["user_id"],
+            "items": [{"product": i["product_id"], "quantity": i["quantity"],
+                       "price": from_cents(i["price_cents"])} for i in items],
+            "shippingAddress": json.loads(order["shipping_address"] or "null"),
+            "paymentMethod": order["payment_method"],
+            "total": from_cents(order["total_cents"]),
+            "status": order["status"],
+            "createdAt": order["created_at"],
+            "updatedAt": order["updated_at"],
+        }
+
+    # -- notifications ------------------------------------------------------------
+
+    def save_notification(self, sender: User, to_user_id: str, fields: dict) -> dict:
+        """Write the notification and return it as the recipient will see it."""
+        note = {"event": "notification:received", "id": new_object_id(), **fields,
+                "from": sender.id, "ts": now_iso()}
+        with self.transaction() as db:
+            db.execute(
+                "INSERT INTO notifications (id, to_user_id, from_user_id, type, priority,"
+                " title, body, meta, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (note["id"], to_user_id, sender.id, note["type"], note["priority"],
+                 note["title"], note["body"],
+                 None if note["meta"] is None else json.dumps(note["meta"]), note["ts"]))
+        return note
+
+    def mark_delivered(self, notification_id: str) -> bool:
+        """Claim one notification for delivery; False if it was claimed already."""
+        with self.transaction() as db:
+            return db.execute(
+                "UPDATE notifications SET delivered_at = ? WHERE id = ? AND delivered_at IS NULL",
+                (now_iso(), notification_id)).rowcount == 1
+
+    def claim_undelivered(self, user_id: str) -> list[dict]:
+        """Claim everything still waiting for a user, oldest first."""
+        with self.transaction() as db:
+            rows = db.execute(
+                "SELECT * FROM notifications WHERE to_user_id = ? AND delivered_at IS NULL"
+                " ORDER BY created_at, rowid", (user_id,)).fetchall()
+            db.executemany("UPDATE notifications SET delivered_at = ? WHERE id = ?",
+                           [(now_iso(), row["id"]) for row in rows])
+        return [{"event": "notification:received", "id": r["id"], "type": r["type"],
+                 "title": r["title"], "body": r["body"], "meta": json.loads(r["meta"] or "null"),
+                 "priority": r["priority"], "from": r["from_user_id"], "ts": r["created_at"]}
+                for r in rows]
+
+
+def quantities(items: list) -> dict[str, int]:
+    """Quantity per product, so a product listed twice moves stock once."""
+    total: Counter[str] = Counter()
+    for product_id, quantity, _ in items:
+        total[product_id] += quantity
+    return total
+
+
+store = Storage()
+
+
+# =============================================================================
+# Auth
+# =============================================================================
+
+BEARER = re.compile(r"^\s*bearer\s+", re.IGNORECASE)
+ID_CLAIMS = ("sub", "id", "userId", "_id")
+
+
+def secret_file(database: Path) -> Path:
+    return database.with_name(database.name + SECRET_SUFFIX)
+
+
+def load_secret(cfg: Config) -> str:
+    """JWT_SECRET, or a random dev secret created once beside the database."""
+    if cfg.jwt_secret:
+        if len(cfg.jwt_secret.encode()) < 32:
+            log.warning("JWT_SECRET is shorter than 32 bytes; use a longer random secret")
+        return cfg.jwt_secret
+    path = secret_file(cfg.database)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return path.read_text(encoding="utf-8").strip()
+    except OSError as error:
+        raise ConfigError(f"cannot create the dev secret {path}: {error.strerror}") from None
+    with os.fdopen(fd, "w", encoding="utf-8") as out:
+        out.write(secrets.token_urlsafe(48) + "\n")
+    return path.read_text(encoding="utf-8").strip()
+
+
+jwt_secret = ""  # set by main()
+
+
+def issue_token(secret: str, user_id: str, role: str = "user", email: str | None = None,
+                name: str | None = None, ttl_s: float = 86400) -> str:
+    claims: dict[str, Any] = {"sub": user_id, "role": role, "iat": int(time.time()),
+                              "exp": int(time.time() + ttl_s)}
+    if email:
+        claims["email"] = email
+    if name:
+        claims["name"] = name
+    return "Bearer " + jwt.encode(claims, secret, algorithm="HS256")
+
+
+def authenticate(token: Any) -> tuple[User | None, str]:
+    """(user, "") for a good token, else (None, why): no token, token expired
+    or invalid token. HS256 is pinned, so `alg: none` and RS/HS confusion fail."""
+    if not isinstance(token, str) or not BEARER.sub("", token).strip():
+        return None, "no token"
+    try:
+        claims = jwt.decode(
+            BEARER.sub("", token).strip(), jwt_secret, algorithms=["HS256"], leeway=30,
+            # The id claim is checked below: PyJWT would refuse a numeric `sub`,
+            # and tokens of an existing backend may carry an audience we don't know.
+            options={"verify_sub": False, "verify_jti": False, "verify_aud": False})
+    except jwt.ExpiredSignatureError:
+        return None, "token expired"
+    except jwt.InvalidTokenError:
+        return None, "invalid token"
+    user_id = next((claims[k] for k in ID_CLAIMS if claims.get(k) not in (None, "")), None)
+    if isinstance(user_id, int) and not isinstance(user_id, bool):
+        user_id = str(user_id)
+    if not isinstance(user_id, str) or len(user_id) > USER_ID_MAX:
+        return None, "invalid token"
+    return User(id=user_id, role="admin" if claims.get("role") == "admin" else "user",
+                email=text_claim(claims, "email"), name=text_claim(claims, "name"),
+                is_verified=claims.get("isVerified") is True), ""
+
+
+def text_claim(claims: dict, key: str) -> str | None:
+    return claims[key] if isinstance(claims.get(key), str) else None
+
+
+def handshake_token(environ: dict, auth: Any) -> Any:
+    """The handshake `auth.token`, else an Authorization header (non-browser
+    clients). A token in the query string is ignored on purpose: URLs are logged."""
+    if isinstance(auth, dict) and auth.get("token") is not None:
+        return auth["token"]
+    return environ.get("HTTP_AUTHORIZATION")
+
+
+# =============================================================================
+# Validation
+# =============================================================================
+
+OBJECT_ID = re.compile(r"[0-9a-fA-F]{24}")
+
+
+def shown(value: Any) -> str:
+    """A client value as an error message quotes it (shortened)."""
+    text = value if isinstance(value, str) else json.dumps(value) if value is not None else "undefined"
+    return text if len(text) <= SHOWN_VALUE_MAX else text[:SHOWN_VALUE_MAX] + "…"
+
+
+def as_object(data: Any) -> dict:
+    if not isinstance(data, dict):
+        raise invalid("payload must be an object")
+    return data
+
+
+def is_number(value: Any) -> bool:
+    """A finite JSON number; booleans are not numbers."""
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value))
+
+
+def optional_text(data: dict, key: str, limit: int) -> str | None:
+    value = data.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise invalid(f"{key} must be a string")
+    if len(value) > limit:
+        raise invalid(f"{key} must be at most {limit} characters")
+    return value
+
+
+def optional_json_object(data: dict, key: str, limit_bytes: int) -> dict | None:
+    value = data.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise invalid(f"{key} must be an object")
+    if len(json.dumps(value, separators=(",", ":")).encode()) > limit_bytes:
+        raise invalid(f"{key} must be at most {limit_bytes} bytes as JSON")
+    return value
+
+
+def user_id_field(data: dict, key: str) -> str | None:
+    value = data.get(key)
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str) or len(value) > USER_ID_MAX:
+        raise invalid(f"{key} must be a string of at most {USER_ID_MAX} characters")
+    return value
+
+
+def room_name(data: Any) -> str:
+    """joinRoom/leaveRoom take "room" or {"room": "room"}."""
+    value = data.get("room") if isinstance(data, dict) else data
+    if not isinstance(value, str):
+        raise invalid("room must be a string")
+    room = value.strip()
+    if not 1 <= len(room) <= ROOM_MAX:
+        raise invalid(f"room must be 1-{ROOM_MAX} characters")
+    return room
+
+
+def is_reserved_room(room: str) -> bool:
+    """Rooms the server puts sockets in; joining one would let a client read
+    what is meant for someone else."""
+    return room in RESERVED_ROOMS or room.startswith("user:") or room in peers
+
+
+def object_id(value: Any, path: str) -> str:
+    if not isinstance(value, str) or not OBJECT_ID.fullmatch(value):
+        raise Refusal(f'Cast to ObjectId failed for value "{shown(value)}" at path "{path}"')
+    return value.lower()
+
+
+def parse_order_request(data: Any) -> OrderRequest:
+    """order:create's checks, first failure wins, in the order of the protocol."""
+    data = as_object(data)
+    raw_items = data.get("items")
+    if not isinstance(raw_items, list) or not raw_items:
+        raise Refusal("items must be a non-empty array")
+    if len(raw_items) > ITEMS_MAX:
+        raise Refusal("too many items")
+    items = []
+    for n, item in enumerate(raw_items):
+        if not isinstance(item, dict):
+            raise invalid(f"items.{n} must be an object")
+        if item.get("product") is None:
+            raise Refusal(f"items.{n}.product: Path 'product' is required")
+        product = object_id(item["product"], f"items.{n}.product")
+        if item.get("price") is None:
+            raise Refusal(f"items.{n}.price: Path 'price' is required")
+        if item.get("quantity") is None:
+            raise Refusal(f"items.{n}.quantity: Path 'quantity' is required")
+        quantity = item["quantity"]
+        if not is_number(quantity) or quantity != int(quantity) or quantity < 1:
+            raise Refusal(f"items.{n}.quantity must be a positive integer")
+        price = item["price"]
+        if not is_number(price) or price < 0:
+            raise Refusal(f"items.{n}.price must be a non-negative number")
+        items.append((product, int(quantity), to_cents(price)))
+    total = data.get("total")
+    if total is None:
+        raise Refusal("total: Path 'total' is required")
+    if not is_number(total):
+        raise Refusal("total must be a number")
+    key = data.get("idempotencyKey")
+    if key is not None and (not isinstance(key, str) or not 1 <= len(key) <= IDEMPOTENCY_KEY_MAX):
+        raise invalid(f"idempotencyKey must be a string of 1-{IDEMPOTENCY_KEY_MAX} characters")
+    return OrderRequest(
+        items=items, total_cents=to_cents(total),
+        shipping_address=optional_json_object(data, "shippingAddress", SHIPPING_ADDRESS_MAX_BYTES),
+        payment_method=optional_text(data, "paymentMethod", PAYMENT_METHOD_MAX),
+        idempotency_key=key)
+
+
+def parse_notification(data: Any) -> tuple[str, dict]:
+    """(recipient, the notification's fields)."""
+    data = as_object(data)
+    to_user_id = data.get("toUserId")
+    if not isinstance(to_user_id, str) or not to_user_id.strip():
+        raise Refusal("toUserId is required")
+    if len(to_user_id) > USER_ID_MAX:
+        raise invalid(f"toUserId must be at most {USER_ID_MAX} characters")
+    kind = data.get("type", "info")
+    if kind not in NOTIFICATION_TYPES:
+        raise Refusal("Invalid type")
+    priority = data.get("priority", "normal")
+    if priority not in PRIORITIES:
+        raise Refusal("Invalid priority")
+    return to_user_id, {"type": kind,
+                        "title": optional_text(data, "title", TITLE_MAX),
+                        "body": optional_text(data, "body", BODY_MAX),
+                        "meta": optional_json_object(data, "meta", META_MAX_BYTES),
+                        "priority": priority}
+
+
+# =============================================================================
+# Rate limits
+# =============================================================================
+
+class RateLimiter:
+    """Token buckets per user (per socket for anonymous) and event."""
+
+    def __init__(self) -> None:
+        self.limits: dict[str, tuple[int, float]] | None = dict(DEFAULT_RATE_LIMITS)
+        self.buckets: dict[str, dict[str, list[float]]] = defaultdict(dict)
+
+    def check(self, who: str, event: str) -> None:
+        """Take one token, or refuse with how long until the next one."""
+        if self.limits is None:
+            return
+        name = event if event in self.limits else "*"
+        capacity, window = self.limits[name]
+        rate = capacity / window                                  # tokens per second
+        now = time.monotonic()
+        tokens, last = self.buckets[who].get(name, (capacity, now))
+        tokens = min(capacity, tokens + (now - last) * rate)
+        if tokens < 1:
+            self.buckets[who][name] = [tokens, now]
+            raise Refusal("Rate limit exceeded", retryAfterMs=math.ceil((1 - tokens) / rate * 1000))
+        self.buckets[who][name] = [tokens - 1, now]
+
+    def forget(self, who: str) -> None:
+        self.buckets.pop(who, None)
+
+
+limiter = RateLimiter()
+
+
+# =============================================================================
+# Event handlers
+# =============================================================================
+
+MALFORMED = "(malformed)"
+
+
+class LenientPacket(socketio.packet.Packet):
+    """An event packet that cannot be decoded (broken JSON, a number longer
+    than Python parses, nesting deeper than its recursion limit, no event name)
+    would be dropped with a traceback and the client left waiting. Decoded as
+    the event MALFORMED instead, it gets an `Invalid payload` ack like any
+    other bad input."""
+
+    def decode(self, encoded_packet: Any) -> int:
+        try:
+            attachments = super().decode(encoded_packet)
+        except (ValueError, RecursionError):
+            if self.packet_type != socketio.packet.EVENT:
+                raise
+            self.data = [MALFORMED, "the event's arguments are not valid JSON"]
+            return 0
+        if self.packet_type == socketio.packet.EVENT and not (
+                isinstance(self.data, list) and self.data and isinstance(self.data[0], str)):
+            self.data = [MALFORMED, "an event is a JSON array that starts with its name"]
+        return attachments
+
+
+sio = socketio.Server(async_mode="eventlet", cors_allowed_origins="*", serializer=LenientPacket,
+                      logger=False, engineio_logger=False)
+
+
+@dataclass
+class Peer:
+    """One connected socket and who is behind it."""
+    sid: str
+    user: User | None
+    why_anonymous: str = ""
+
+    @property
+    def rate_key(self) -> str:
+        return f"user:{self.user.id}" if self.user else self.sid
+
+    def public(self) -> dict | None:
+        return {"id": self.user.id, "name": self.user.name} if self.user else None
+
+
+peers: dict[str, Peer] = {}
+online: Counter[str] = Counter()   # user id -> live connections
+
+
+class Metrics:
+    """Just enough of the Prometheus text format for /metrics."""
+
+    def __init__(self) -> None:
+        self.events: Counter[str] = Counter()
+        self.errors: Counter[str] = Counter()
+        self.latency = [0] * (len(ACK_LATENCY_BUCKETS_S) + 1)
+        self.latency_sum = 0.0
+
+    def observe(self, event: str, seconds: float, failed: bool) -> None:
+        self.events[event] += 1
+        self.errors[event] += failed
+        self.latency_sum += seconds
+        self.latency[next((i for i, b in enumerate(ACK_LATENCY_BUCKETS_S) if seconds <= b),
+                          len(ACK_LATENCY_BUCKETS_S))] += 1
+
+    def render(self) -> str:
+        lines = ["# TYPE shop_connections gauge", f"shop_connections {len(peers)}",
+                 "# TYPE shop_users_online gauge", f"shop_users_online {len(online)}",
+                 "# TYPE shop_notifications_queued gauge",
+                 f"shop_notifications_queued {notifier.queue.qsize()}",
+                 "# TYPE shop_events_total counter"]
+        lines += [f'shop_events_total{{event="{e}"}} {n}' for e, n in sorted(self.events.items())]
+        lines.append("# TYPE shop_event_errors_total counter")
+        lines += [f'shop_event_errors_total{{event="{e}"}} {n}'
+                  for e, n in sorted(self.errors.items())]
+        lines.append("# TYPE shop_ack_latency_seconds histogram")
+        for bound, count in zip((*ACK_LATENCY_BUCKETS_S, "+Inf"), itertools.accumulate(self.latency)):
+            lines.append(f'shop_ack_latency_seconds_bucket{{le="{bound}"}} {count}')
+        lines += [f"shop_ack_latency_seconds_sum {self.latency_sum:.6f}",
+                  f"shop_ack_latency_seconds_count {sum(self.latency)}"]
+        return "\n".join(lines) + "\n"
+
+
+metrics = Metrics()
+
+
+class Context:
+    """What a handler knows of its call. Emits made through it are sent after
+    the ack, so a client always learns the outcome of its own request first."""
+
+    def __init__(self, peer: Peer) -> None:
+        self.peer, self.sid, self.user = peer, peer.sid, peer.user
+        self.after_ack: list[Callable[[], Any]] = []
+
+    def emit(self, event: str, data: dict, **target: Any) -> None:
+        self.after_ack.append(functools.partial(sio.emit, event, data, **target))
+
+    def then(self, task: Callable[..., Any], *args: Any) -> None:
+        self.after_ack.append(functools.partial(task, *args))
+
+
+Ack = dict[str, Any]
+HANDLED_EVENTS: list[str] = []
+
+
+def ok(**fields: Any) -> Ack:
+    return {"ok": True, **fields}
+
+
+def event(name: str, user_required: bool = False) -> Callable:
+    """Register a handler with the rules every event shares: one payload
+    argument, the rate limit, the user requirement, errors as acks, and an
+    `Internal error` ack (with the traceback logged) for anything unexpected."""
+    def register(handler: Callable[[Context, Any], Ack | None]) -> Callable:
+        @functools.wraps(handler)
+        def on_event(sid: str, *args: Any) -> Ack | None:
+            peer = peers.get(sid)
+            if peer is None:          # the socket left while this was in flight
+                return None
+            started, context = time.perf_counter(), Context(peer)
+            try:
+                limiter.check(peer.rate_key, name)
+                if len(args) > 1:
+                    raise invalid("send one payload argument")
+                if user_required and peer.user is None:
+                    raise Refusal("Unauthorized", reason=peer.why_anonymous)
+                ack = handler(context, args[0] if args else None)
+            except Refusal as refusal:
+                ack = refusal.ack
+                level = logging.DEBUG if ack["error"] == "Rate limit exceeded" else logging.INFO
+                log.log(level, "%s sid=%s user=%s -> %s", name, sid, user_of(peer), ack)
+            except Exception:
+                log.exception("%s sid=%s user=%s failed", name, sid, user_of(peer))
+                ack = {"error": "Internal error"}
+            else:
+                log.debug("%s sid=%s user=%s -> ok", name, sid, user_of(peer))
+                if context.after_ack:
+                    sio.start_background_task(run_all, context.after_ack)
+            metrics.observe(name, time.perf_counter() - started, "error" in (ack or {}))
+            return ack
+        sio.on(name, on_event)
+        HANDLED_EVENTS.append(name)
+        return on_event
+    return register
+
+
+def run_all(tasks: list[Callable[[], Any]]) -> None:
+    for task in tasks:
+        try:
+            task()
+        except Exception:
+            log.exception("emit after ack failed")
+
+
+def user_of(peer: Peer) -> str:
+    return peer.user.id if peer.user else "-"
+
+
+def order_rooms(order: dict) -> list[str]:
+    """The owner's room and both admin rooms; a socket in several of them
+    still receives the event once (python-socketio merges the rooms)."""
+    return [f"user:{order['user']}", *ADMIN_ROOMS]
+
+
+# -- connecting ------------------------------------------------------------------
+
+@sio.event
+def connect(sid: str, environ: dict, auth: Any) -> None:
+    user, why = authenticate(handshake_token(environ, auth))
+    if user is None and config.require_auth:
+        log.info("refused sid=%s reason=%s", sid, why)
+        raise socketio.exceptions.ConnectionRefusedError("Unauthorized", {"reason": why})
+    peer = peers[sid] = Peer(sid, user, why)
+    first_tab = False
+    if user:
+        store.upsert_user(user)
+        sio.enter_room(sid, f"user:{user.id}")
+        if user.is_admin:
+            for room in ADMIN_ROOMS:
+                sio.enter_room(sid, room)
+        online[user.id] += 1
+        first_tab = online[user.id] == 1
+    transport = sio.transport(sid)
+    log.info("connect sid=%s user=%s role=%s transport=%s", sid, user_of(peer),
+             user.role if user else "anonymous", transport)
+    # The client hears of its connection only after this returns, so what it
+    # must receive (presence, saved notifications) is sent by a task after it.
+    sio.start_background_task(welcome, peer, first_tab)
+
+
+def welcome(peer: Peer, first_tab: bool) -> None:
+    if first_tab:
+        sio.emit("presence:update", {"userId": peer.user.id, "status": "online", "at": now_iso()})
+    if peer.user:
+        notifier.replay(peer.user.id)
+
+
+@sio.event
+def disconnect(sid: str, reason: Any = None) -> None:
+    peer = peers.pop(sid, None)
+    if peer is None:
+        return
+    log.info("disconnect sid=%s user=%s reason=%s", sid, user_of(peer), reason)
+    if peer.user is None:
+        limiter.forget(peer.rate_key)
+        return
+    online[peer.user.id] -= 1
+    if online[peer.user.id] <= 0:
+        del online[peer.user.id]
+        limiter.forget(peer.rate_key)
+        sio.emit("presence:update", {"userId": peer.user.id, "status": "offline", "at": now_iso()})
+
+
+# -- rooms and chat --------------------------------------------------------------
+
+@event("joinRoom")
+def join_room(ctx: Context, data: Any) -> Ack:
+    room = room_name(data)
+    if is_reserved_room(room):
+        raise Refusal("Access denied")
+    if room not in sio.rooms(ctx.sid):
+        sio.enter_room(ctx.sid, room)
+        ctx.emit("joined", {"event": "joined", "room": room, "by": ctx.sid,
+                            "user": ctx.peer.public()}, to=room, skip_sid=ctx.sid)
+    return ok(room=room)
+
+
+@event("leaveRoom")
+def leave_room(ctx: Context, data: Any) -> Ack:
+    room = room_name(data)
+    if is_reserved_room(room):
+        raise Refusal("Access denied")
+    if room in sio.rooms(ctx.sid):
+        sio.leave_room(ctx.sid, room)
+        ctx.emit("left", {"event": "left", "room": room, "by": ctx.sid,
+                          "user": ctx.peer.public()}, to=room)
+    return ok(room=room)
+
+
+@event("message")
+def message(ctx: Context, data: Any) -> Ack:
+    data = as_object(data)
+    room = room_name(data)
+    text = data.get("text")
+    if not isinstance(text, str):
+        raise invalid("text must be a string")
+    text = text.strip()
+    if not 1 <= len(text) <= TEXT_MAX:
+        raise invalid(f"text must be 1-{TEXT_MAX} characters")
+    meta = optional_json_object(data, "meta", META_MAX_BYTES)
+    if room not in sio.rooms(ctx.sid):
+        raise Refusal("Not in room")
+    payload = {"room": room, "text": text, "from": ctx.peer.public(), "ts": now_iso()}
+    if meta is not None:
+        payload["meta"] = meta
+    ctx.emit("message", payload, to=room)
+    return ok(sentTo=f"room:{room}")
+
+
+@event("whoami", user_required=True)
+def whoami(ctx: Context, data: Any) -> Ack:
+    user = ctx.user
+    return {"userId": user.id, "role": user.role, "email": user.email,
+            "isVerified": user.is_verified}
+
+
+# -- notifications ---------------------------------------------------------------
+
+@event("notification:send", user_required=True)
+def notification_send(ctx: Context, data: Any) -> Ack:
+    to_user_id, fields = parse_notification(data)
+    note = store.save_notification(ctx.user, to_user_id, fields)
+    if config.notify_queue:
+        notifier.queue.put((to_user_id, note))
+    else:
+        ctx.then(notifier.deliver, to_user_id, note)
+    return ok(queued=config.notify_queue, saved=True, id=note["id"])
+
+
+# -- orders ----------------------------------------------------------------------
+
+@event("order:create", user_required=True)
+def order_create(ctx: Context, data: Any) -> Ack:
+    order, duplicate = store.create_order(ctx.user, parse_order_request(data))
+    if duplicate:
+        return ok(order=order, duplicate=True)
+    ctx.emit("order:created", {"event": "order:created", "order": order}, to=order_rooms(order))
+    return ok(order=order)
+
+
+@event("order:updateStatus", user_required=True)
+def order_update_status(ctx: Context, data: Any) -> Ack:
+    data = as_object(data)
+    order_id = object_id(data.get("orderId"), "_id")
+    order, changed, stock_changes = store.update_order_status(ctx.user, order_id, data.get("status"))
+    if changed:
+        ctx.emit("order:updated", {"event": "order:updated", "order": order}, to=order_rooms(order))
+    for change in stock_changes:
+        ctx.emit("product:stockUpdated", {
+            "event": "product:stockUpdated", "productId": change.product_id,
+            "stock": change.stock, "delta": change.delta, "at": now_iso()})
+    return ok(order=order)
+
+
+# -- typing ----------------------------------------------------------------------
+
+@event("typing", user_required=True)
+def typing(ctx: Context, data: Any) -> Ack:
+    data = as_object(data)
+    to_user_id = user_id_field(data, "toUserId")
+    has_room = data.get("room") is not None
+    if (to_user_id is None) == (not has_room):
+        raise invalid("send exactly one of toUserId or room")
+    if to_user_id is not None:
+        ctx.emit("typing", {"event": "typing", "from": ctx.user.id, "at": now_iso()},
+                 to=f"user:{to_user_id}")
+        return ok(mode="personal")
+    room = room_name(data)
+    if room not in sio.rooms(ctx.sid):
+        raise Refusal("Not in room")
+    ctx.emit("typing", {"event": "typing", "from": ctx.user.id, "room": room, "at": now_iso()},
+             to=room, skip_sid=ctx.sid)
+    return ok(mode="room")
+
+
+# -- everything else -------------------------------------------------------------
+
+@event(MALFORMED)
+def malformed(ctx: Context, why: Any) -> Ack:
+    raise invalid(why)
+
+
+@sio.on("*")
+def unknown_event(name: str, sid: str, *args: Any) -> Ack | None:
+    """Without this catch-all python-socketio drops unknown events silently,
+    and a client waiting for the ack would only ever see a timeout."""
+    peer = peers.get(sid)
+    if peer is None:
+        return None
+    try:
+        limiter.check(peer.rate_key, "*")
+    except Refusal as refusal:
+        return refusal.ack
+    metrics.observe("unknown", 0.0, True)
+    log.info("unknown event %r sid=%s user=%s", shown(name), sid, user_of(peer))
+    return {"error": f"Unknown event: {name}"}
+
+
+# =============================================================================
+# Notification worker
+# =============================================================================
+
+class Notifier:
+    """Notifications are saved before they are acked; this greenlet then hands
+    them to live connections. Each is claimed in SQLite before it is emitted,
+    so the worker and the replay on connect never deliver one twice."""
+
+    STOP = object()
+
+    def __init__(self) -> None:
+        self.queue: eventlet.queue.Queue = eventlet.queue.Queue()
+        self.worker: Any = None
+
+    def start(self) -> None:
+        self.worker = sio.start_background_task(self.run)
+
+    def run(self) -> None:
+        while (item := self.queue.get()) is not self.STOP:
+            to_user_id, note = item
+            try:
+                self.deliver(to_user_id, note)
+            except Exception:
+                log.exception("delivering notification %s failed; it stays saved", note["id"])
+
+    def deliver(self, to_user_id: str, note: dict) -> None:
+        """Emit to a live recipient; an offline one gets it on its next connect."""
+        room = f"user:{to_user_id}"
+        if next(sio.manager.get_participants("/", room), None) is None:
+            return
+        if store.mark_delivered(note["id"]):
+            sio.emit("notification:received", note, to=room)
+
+    def replay(self, user_id: str) -> None:
+        for note in store.claim_undelivered(user_id):
+            sio.emit("notification:received", note, to=f"user:{user_id}")
+
+    def stop(self) -> None:
+        """Deliver what is queued, then end the worker."""
+        if self.worker is not None:
+            self.queue.put(self.STOP)
+            self.worker.join()
+            self.worker = None
+
+
+notifier = Notifier()
+
+
+# =============================================================================
+# HTTP routes
+# =============================================================================
+
+PLACEHOLDER_PAGE = """<!doctype html><meta charset="utf-8"><title>Shop Realtime</title>
+<h1>Shop Realtime</h1><p>The Socket.IO endpoint is <code>/socket.io</code>.
+See <a href="/api/products">/api/products</a>, <a href="/health">/health</a>
+and <a href="/metrics">/metrics</a>.</p>"""
+
+
+def respond(start_response: Callable, status: str, body: str | bytes,
+            content_type: str = "application/json") -> list[bytes]:
+    data = body.encode() if isinstance(body, str) else body
+    headers = [("Content-Type", content_type), ("Content-Length", str(len(data))),
+               ("Cache-Control", "no-store")]
+    if config.cors_origins == "*":
+        headers.append(("Access-Control-Allow-Origin", "*"))
+    start_response(status, headers)
+    return [data]
+
+
+def json_response(start_response: Callable, value: Any, status: str = "200 OK") -> list[bytes]:
+    return respond(start_response, status, json.dumps(value))
+
+
+def tester_page(environ: dict, start_response: Callable) -> list[bytes]:
+    page = TESTER_FILE.read_bytes() if TESTER_FILE.exists() else PLACEHOLDER_PAGE
+    return respond(start_response, "200 OK", page, "text/html; charset=utf-8")
+
+
+def health(environ: dict, start_response: Callable) -> list[bytes]:
+    return json_response(start_response, {"ok": True})
+
+
+def products(environ: dict, start_response: Callable) -> list[bytes]:
+    return json_response(start_response, store.products())
+
+
+def prometheus(environ: dict, start_response: Callable) -> list[bytes]:
+    return respond(start_response, "200 OK", metrics.render(), "text/plain; version=0.0.4")
+
+
+def dev_token(environ: dict, start_response: Callable) -> list[bytes]:
+    """Tokens for anyone who asks: only while the server runs on its dev secret."""
+    if config.jwt_secret:
+        return json_response(start_response, {"error": "Not found"}, "404 Not Found")
+    query = parse_qs(environ.get("QUERY_STRING", ""))
+    user_id = (query.get("user") or [""])[0].strip()
+    role = (query.get("role") or ["user"])[0]
+    if not 1 <= len(user_id) <= USER_ID_MAX or role not in ("user", "admin"):
+        return json_response(start_response, {"error": "user (1-128 characters) is required"
+                                              " and role must be user or admin"},
+                             "400 Bad Request")
+    return json_response(start_response, {"token": issue_token(jwt_secret, user_id, role)})
+
+
+ROUTES = {"/": tester_page, "/health": health, "/api/products": products,
+          "/metrics": prometheus, "/dev/token": dev_token}
+
+
+def http_app(environ: dict, start_response: Callable) -> list[bytes]:
+    route = ROUTES.get(environ.get("PATH_INFO", "/"))
+    if route is None:
+        return json_response(start_response, {"error": "Not found"}, "404 Not Found")
+    if environ["REQUEST_METHOD"] not in ("GET", "HEAD"):
+        return json_response(start_response, {"error": "Method not allowed"},
+                             "405 Method Not Allowed")
+    return route(environ, start_response)
+
+
+app = socketio.WSGIApp(sio, http_app)
+
+
+# =============================================================================
+# Command line
+# =============================================================================
+
+def configure_socketio(cfg: Config) -> None:
+    """Apply the settings that python-socketio reads at run time."""
+    sio.eio.cors_allowed_origins = cfg.cors_origins
+    sio.eio.max_http_buffer_size = cfg.max_payload_bytes
+    # A long-polling POST may batch many packets; python-engineio drops a batch
+    # of more than 16 without a word. The body is bounded by the payload limit,
+    # so the packet count needs no bound of its own.
+    Payload.max_decode_packets = cfg.max_payload_bytes
+    if cfg.redis_url:
+        try:
+            sio.manager = socketio.RedisManager(cfg.redis_url)
+        except RuntimeError as error:
+            raise ConfigError(f"REDIS_URL: {error}") from None
+        sio.manager.set_server(sio)
+    if cfg.admin_ui:
+        sio.instrument(auth={"username": cfg.admin_ui[0], "password": cfg.admin_ui[1]})
+
+
+def listen(cfg: Config) -> socket.socket:
+    try:
+        listener = eventlet.listen((cfg.host, cfg.port), backlog=LISTEN_BACKLOG)
+    except OSError as error:
+        raise ConfigError(f"cannot listen on {cfg.host}:{cfg.port}: {error.strerror}") from None
+    # Accepted sockets inherit TCP_NODELAY on Linux: small acks leave at once
+    # instead of waiting ~40 ms for Nagle's algorithm.
+    listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return listener
+
+
+def serve(cfg: Config) -> int:
+    try:
+        store.open(cfg.database)
+    except sqlite3.Error as error:
+        raise ConfigError(f"cannot open database {str(cfg.database)!r}: {error}") from None
+    configure_socketio(cfg)
+    limiter.limits = cfg.rate_limits
+    listener = listen(cfg)
+    host, port = listener.getsockname()[:2]
+    url = f"http://{host}:{port}"
+    print(f"Shop Realtime listening on {url}  (tester page: {url}/)", flush=True)
+    print(f"Database: {cfg.database}", flush=True)
+    if not cfg.jwt_secret:
+        print(f"Dev secret: {secret_file(cfg.database)} (set JWT_SECRET in production)")
+        print(f"  demo user : {issue_token(jwt_secret, 'demo-user', 'user', name='Demo User')}")
+        print(f"  demo admin: {issue_token(jwt_secret, 'demo-admin', 'admin', name='Demo Admin')}",
+              flush=True)
+
+    stopping = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, frame: stopping.append(signum))
+    notifier.start()
+    eventlet.spawn(eventlet.wsgi.server, listener, app, log=logging.getLogger("shop.http"),
+                   log_output=cfg.verbose, debug=False, max_size=MAX_CONNECTIONS)
+    while not stopping:
+        eventlet.sleep(SHUTDOWN_POLL_S)
+
+    log.info("shutting down: no new connections, delivering queued notifications")
+    listener.close()
+    notifier.stop()
+    eventlet.sleep(SHUTDOWN_FLUSH_S)
+    store.close()
+    log.info("stopped")
+    return 0
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="server.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--host", help=f"bind address (HOST, default {DEFAULT_HOST})")
+    parser.add_argument("--port", help=f"port, 0 for any free one (PORT, default {DEFAULT_PORT})")
+    parser.add_argument("--db", help=f"SQLite file (DATABASE, default {DEFAULT_DATABASE})")
+    parser.add_argument("--require-auth", action="store_true",
+                        help="refuse connections without a valid token (REQUIRE_AUTH=1)")
+    parser.add_argument("--verbose", action="store_true", help="log every event and request")
+    commands = parser.add_subparsers(dest="command")
+    token = commands.add_parser("token", help="print a Bearer token signed with the server's secret")
+    token.add_argument("user_id")
+    token.add_argument("--role", choices=("user", "admin"), default="user")
+    token.add_argument("--email")
+    token.add_argument("--name")
+    token.add_argument("--ttl", default=DEFAULT_TOKEN_TTL, help="lifetime, e.g. 30m, 24h, 7d")
+    token.add_argument("--db", dest="token_db", help="SQLite file whose dev secret signs it")
+    args = parser.parse_args(argv)
+    if getattr(args, "token_db", None):
+        args.db = args.token_db
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    global config, jwt_secret
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        config = load_config(args, os.environ)
+        jwt_secret = load_secret(config)
+        if args.command == "token":
+            print(issue_token(jwt_secret, args.user_id, args.role, args.email, args.name,
+                              parse_duration(args.ttl)))
+            return 0
+        return serve(config)
+    except ConfigError as error:
+        print(f"server.py: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1134 @@
+"""The protocol, rule by rule, against a real server.py over real sockets.
+
+Sections follow the protocol: running it, connecting and identity, acks and
+errors, each event, storage, limits.
+"""
+
+import base64
+import json
+import os
+import signal
+import sqlite3
+import stat
+import subprocess
+import sys
+import threading
+import time
+
+import jwt
+import pytest
+import requests
+import socketio
+import websocket
+
+from conftest import (
+    MUG,
+    POSTER,
+    SECRET,
+    SERVER,
+    STICKERS,
+    TSHIRT,
+    Tab,
+    make_token,
+    new_user_id,
+    settle,
+)
+
+EXAMPLE_ORDER = {
+    "items": [{"product": TSHIRT, "quantity": 2, "price": 100},
+              {"product": MUG, "quantity": 1, "price": 150}],
+    "total": 350,
+}
+ISO = r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$"
+
+
+def one_item_order(product=STICKERS, quantity=1, price=25, **extra):
+    return {"items": [{"product": product, "quantity": quantity, "price": price}],
+            "total": round(price * quantity, 2), **extra}
+
+
+def run_cli(*args, env=None, cwd=None):
+    return subprocess.run([sys.executable, str(SERVER), *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, cwd=cwd, timeout=30, check=False)
+
+
+# =============================================================================
+# 1. Running it
+# =============================================================================
+
+def test_first_start_creates_the_database_and_seeds_the_demo_catalogue(start_server):
+    server = start_server()
+    assert server.get_json("/api/products") == [
+        {"_id": TSHIRT, "name": "Demo T-shirt", "price": 100, "stock": 50},
+        {"_id": MUG, "name": "Demo Mug", "price": 150, "stock": 20},
+        {"_id": STICKERS, "name": "Demo Sticker pack", "price": 25, "stock": 500},
+        {"_id": POSTER, "name": "Limited Poster", "price": 40, "stock": 1},
+    ]
+
+
+def test_health_route(server):
+    status, body, headers = server.get("/health")
+    assert (status, json.loads(body)) == (200, {"ok": True})
+    assert headers["Content-Type"] == "application/json"
+
+
+def test_root_serves_a_page(server):
+    status, body, headers = server.get("/")
+    assert status == 200 and headers["Content-Type"].startswith("text/html")
+    assert "<html" in body.lower() or "<!doctype html" in body.lower()
+
+
+def test_unknown_path_is_404_json(server):
+    status, body, _ = server.get("/nope")
+    assert (status, json.loads(body)) == (404, {"error": "Not found"})
+
+
+def test_metrics_route_counts_connections_events_errors_and_latency(server, connect):
+    tab = connect(new_user_id())
+    tab.call("whoami")
+    tab.call("joinRoom", "admin")
+    status, body, headers = server.get("/metrics")
+    assert status == 200 and headers["Content-Type"].startswith("text/plain")
+    values = dict(line.rsplit(" ", 1) for line in body.splitlines() if not line.startswith("#"))
+    assert int(values["shop_connections"]) >= 1
+    assert int(values["shop_users_online"]) >= 1
+    assert int(values['shop_events_total{event="whoami"}']) >= 1
+    assert int(values['shop_event_errors_total{event="joinRoom"}']) >= 1
+    assert int(values['shop_ack_latency_seconds_bucket{le="+Inf"}']) == int(
+        values["shop_ack_latency_seconds_count"]) >= 2
+
+
+def test_dev_secret_is_created_once_with_mode_0600_and_demo_tokens_are_printed(start_server,
+                                                                                tmp_path):
+    server = start_server(env={"JWT_SECRET": None})
+    secret_file = tmp_path / "shop.db.secret"
+    assert stat.S_IMODE(secret_file.stat().st_mode) == 0o600
+    secret = secret_file.read_text().strip()
+    tokens = dict(line.split(": ", 1) for line in server.stdout().splitlines() if "demo " in line)
+    user_token = tokens["  demo user "]
+    claims = jwt.decode(user_token.removeprefix("Bearer "), secret, algorithms=["HS256"])
+    assert claims["sub"] == "demo-user" and claims["role"] == "user"
+    admin_tab = Tab(server.url, tokens["  demo admin"])
+    assert admin_tab.call("whoami")["role"] == "admin"
+    admin_tab.close()
+    server.stop()
+    start_server(env={"JWT_SECRET": None})
+    assert secret_file.read_text().strip() == secret
+
+
+def test_token_command_prints_a_bearer_token_signed_with_the_server_secret(start_server,
+                                                                           tmp_path):
+    db = tmp_path / "cli.db"
+    done = run_cli("token", "alice", "--role", "admin", "--email", "a@example.com",
+                   "--name", "Alice", "--ttl", "30m", "--db", str(db), env={"JWT_SECRET": ""})
+    assert done.returncode == 0, done.stderr
+    token = done.stdout.strip()
+    assert token.startswith("Bearer ")
+    server = start_server(env={"JWT_SECRET": None}, db=db)
+    tab = Tab(server.url, token)
+    assert tab.call("whoami") == {"userId": "alice", "role": "admin", "email": "a@example.com",
+                                  "isVerified": False}
+    claims = jwt.decode(token[7:], options={"verify_signature": False})
+    assert 1790 <= claims["exp"] - claims["iat"] <= 1810
+    tab.close()
+
+
+def test_token_command_uses_jwt_secret_when_set():
+    done = run_cli("token", "bob", env={"JWT_SECRET": SECRET})
+    claims = jwt.decode(done.stdout.strip()[7:], SECRET, algorithms=["HS256"])
+    assert claims["sub"] == "bob" and claims["role"] == "user"
+
+
+@pytest.mark.parametrize("args, env, message", [
+    (["--port", "http"], {}, "port must be a number from 0 to 65535, got 'http'"),
+    ([], {"PORT": "70000"}, "port must be a number from 0 to 65535, got '70000'"),
+    (["--db", "/nonexistent-dir/x/app.db"], {"JWT_SECRET": SECRET}, "cannot open database"),
+    ([], {"RATE_LIMITS": "message=lots"}, "RATE_LIMITS: 'message=lots' is not event=N/window"),
+    ([], {"RATE_LIMITS": "mesage=5/10s"}, "RATE_LIMITS: unknown event 'mesage'"),
+    ([], {"RATE_LIMITS": "message=5/soon"}, "RATE_LIMITS: bad duration 'soon'"),
+    ([], {"MAX_PAYLOAD_BYTES": "big"}, "MAX_PAYLOAD_BYTES must be a whole number"),
+    ([], {"REQUIRE_AUTH": "maybe"}, "REQUIRE_AUTH must be 1 or 0, got 'maybe'"),
+    ([], {"NOTIFY_QUEUE": "sometimes"}, "NOTIFY_QUEUE must be 1 or 0"),
+    ([], {"ADMIN_UI": "nopassword"}, "ADMIN_UI must be user:password"),
+])
+def test_a_bad_setting_exits_2_with_a_one_line_error(tmp_path, args, env, message):
+    done = run_cli("--db", str(tmp_path / "x.db"), *args, env=env, cwd=tmp_path)
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("server.py: error: ") and message in lines[0]
+
+
+def test_dev_token_route_issues_tokens_while_on_the_dev_secret(start_server):
+    server = start_server(env={"JWT_SECRET": None})
+    token = server.get_json("/dev/token?user=carol&role=admin")["token"]
+    tab = Tab(server.url, token)
+    assert tab.call("whoami")["userId"] == "carol"
+    assert tab.call("whoami")["role"] == "admin"
+    tab.close()
+    assert server.get("/dev/token?role=admin")[0] == 400
+
+
+def test_dev_token_route_is_404_once_jwt_secret_is_set(server):
+    assert server.get("/dev/token?user=carol")[0] == 404
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_signal_delivers_queued_notifications_closes_the_database_and_exits_0(
+        start_server, sig):
+    server = start_server()
+    sender, recipient = new_user_id(), new_user_id()
+    sender_tab, recipient_tab = Tab(server.url, make_token(sender)), \
+        Tab(server.url, make_token(recipient))
+    acks = [sender_tab.call("notification:send", {"toUserId": recipient, "title": f"n{i}"})
+            for i in range(20)]
+    assert server.stop(sig) == 0
+    assert "Traceback" not in server.stderr()
+    # A clean close checkpoints and removes the write-ahead log.
+    assert not (server.db.parent / (server.db.name + "-wal")).exists()
+    db = sqlite3.connect(server.db)
+    undelivered = db.execute("SELECT count(*) FROM notifications WHERE delivered_at IS NULL")
+    assert undelivered.fetchone()[0] == 0
+    assert len(recipient_tab.received("notification:received")) == len(acks)
+    sender_tab.close()
+    recipient_tab.close()
+
+
+def test_admin_ui_instrumentation_needs_its_credentials(start_server):
+    server = start_server(env={"ADMIN_UI": "teacher:s3cret"})
+    admin = socketio.Client(reconnection=False)
+    admin.connect(server.url, namespaces=["/admin"], transports=["websocket"],
+                  auth={"username": "teacher", "password": "s3cret"}, wait_timeout=5)
+    assert admin.connected
+    admin.disconnect()
+    intruder = socketio.Client(reconnection=False)
+    with pytest.raises(socketio.exceptions.ConnectionError):
+        intruder.connect(server.url, namespaces=["/admin"], transports=["websocket"],
+                         auth={"username": "teacher", "password": "guess"}, wait_timeout=5)
+
+
+# =============================================================================
+# 2. Connecting and identity
+# =============================================================================
+
+def test_token_in_the_auth_object_identifies_the_user(connect):
+    user = new_user_id()
+    tab = connect(token=make_token(user, email="u@example.com", isVerified=True))
+    assert tab.call("whoami") == {"userId": user, "role": "user", "email": "u@example.com",
+                                  "isVerified": True}
+
+
+@pytest.mark.parametrize("prefix", ["Bearer ", "bearer ", "BEARER  ", ""])
+def test_bearer_prefix_is_case_insensitive_and_optional(connect, prefix):
+    user = new_user_id()
+    tab = connect(token=prefix + make_token(user, bearer=False))
+    assert tab.call("whoami")["userId"] == user
+
+
+def test_authorization_header_is_accepted_from_non_browser_clients(connect):
+    user = new_user_id()
+    tab = connect(headers={"Authorization": make_token(user)})
+    assert tab.call("whoami")["userId"] == user
+
+
+def test_token_in_the_query_string_is_ignored(connect):
+    tab = connect(query=f"?token={make_token(new_user_id(), bearer=False)}")
+    assert tab.call("whoami") == {"error": "Unauthorized", "reason": "no token"}
+
+
+def test_no_token_connects_anonymous_with_reason_no_token(connect):
+    assert connect().call("whoami") == {"error": "Unauthorized", "reason": "no token"}
+
+
+def test_expired_token_connects_anonymous_with_reason_token_expired(connect):
+    token = make_token(new_user_id(), exp=int(time.time()) - 120)
+    assert connect(token=token).call("whoami") == {"error": "Unauthorized",
+                                                   "reason": "token expired"}
+
+
+def test_expiry_has_30_seconds_of_leeway(connect):
+    user = new_user_id()
+    tab = connect(token=make_token(user, exp=int(time.time()) - 10))
+    assert tab.call("whoami")["userId"] == user
+
+
+def _unsigned(header: dict, claims: dict) -> str:
+    """A JWT with no signature, as an attacker would hand-craft it."""
+    def part(value):
+        return base64.urlsafe_b64encode(json.dumps(value).encode()).rstrip(b"=").decode()
+    return f"{part(header)}.{part(claims)}."
+
+
+@pytest.mark.parametrize("token", [
+    pytest.param(make_token("mallory", secret="another-secret-that-is-long-enough"),
+                 id="wrong-secret"),
+    pytest.param(_unsigned({"alg": "none", "typ": "JWT"}, {"sub": "mallory", "role": "admin"}),
+                 id="alg-none"),
+    pytest.param(_unsigned({"alg": "RS256", "typ": "JWT"}, {"sub": "mallory"}) + "c2ln",
+                 id="rs256-header"),
+    pytest.param(make_token("mallory", nbf=int(time.time()) + 3600), id="not-yet-valid"),
+    pytest.param("Bearer not.a.jwt", id="garbage"),
+    pytest.param(make_token(None, role="admin"), id="no-user-id-claim"),
+])
+def test_a_bad_token_connects_anonymous_with_reason_invalid_token(connect, token):
+    assert connect(token=token).call("whoami") == {"error": "Unauthorized",
+                                                   "reason": "invalid token"}
+
+
+@pytest.mark.parametrize("claims, user_id", [
+    ({"id": "mongo-id-1"}, "mongo-id-1"),
+    ({"userId": "u-42"}, "u-42"),
+    ({"_id": "64a1b2c3d4e5f678901234ff"}, "64a1b2c3d4e5f678901234ff"),
+    ({"id": 12345}, "12345"),
+    ({"sub": 987}, "987"),
+])
+def test_identity_comes_from_sub_else_id_userId_or__id(connect, claims, user_id):
+    token = "Bearer " + jwt.encode({"role": "user", **claims}, SECRET, algorithm="HS256")
+    assert connect(token=token).call("whoami")["userId"] == user_id
+
+
+@pytest.mark.parametrize("role, seen", [("admin", "admin"), ("manager", "user"), (None, "user")])
+def test_role_is_admin_or_user(connect, role, seen):
+    assert connect(token=make_token(new_user_id(), role=role)).call("whoami")["role"] == seen
+
+
+def test_require_auth_refuses_anonymous_connections_with_unauthorized(start_server):
+    server = start_server(env={"REQUIRE_AUTH": "1"})
+    for token, reason in [(None, "no token"), ("Bearer junk", "invalid token")]:
+        client, refusals = socketio.Client(reconnection=False), []
+        client.on("connect_error", refusals.append)
+        with pytest.raises(socketio.exceptions.ConnectionError):
+            client.connect(server.url, auth={"token": token} if token else None,
+                           transports=["websocket"], wait_timeout=5)
+        assert refusals == [{"message": "Unauthorized", "data": {"reason": reason}}]
+    user = new_user_id()
+    tab = Tab(server.url, make_token(user))
+    assert tab.call("whoami")["userId"] == user
+    tab.close()
+
+
+def test_require_auth_flag_works_like_the_variable(start_server):
+    server = start_server(args=("--require-auth",))
+    with pytest.raises(socketio.exceptions.ConnectionError):
+        Tab(server.url)
+
+
+def test_a_user_joins_their_own_room(connect):
+    user = new_user_id()
+    tab = connect(user)
+    connect(new_user_id()).call("typing", {"toUserId": user})
+    assert tab.wait_for("typing")["from"]
+
+
+def test_an_admin_joins_admin_and_admins(connect):
+    admin = connect(new_user_id("admin"), role="admin")
+    assert connect(new_user_id()).call("order:create", EXAMPLE_ORDER)["ok"]
+    admin.wait_for("order:created")
+    # Already a member of both: joining them is refused as for anyone.
+    assert admin.call("joinRoom", "admin") == {"error": "Access denied"}
+
+
+def test_presence_online_on_first_tab_offline_on_last(connect):
+    watcher = connect(new_user_id())
+    user = new_user_id()
+    first = connect(user)
+    online = watcher.wait_for("presence:update", lambda d: d["userId"] == user)
+    assert online["status"] == "online" and set(online) == {"userId", "status", "at"}
+    second = connect(user)
+    first.close()
+    settle()
+    assert [d["status"] for d in watcher.received("presence:update") if d["userId"] == user] \
+        == ["online"]
+    second.close()
+    offline = watcher.wait_for("presence:update",
+                               lambda d: d["userId"] == user and d["status"] == "offline")
+    assert offline["at"] >= online["at"]
+
+
+def test_presence_reaches_the_new_connection_too(connect):
+    user = new_user_id()
+    tab = connect(user)
+    assert tab.wait_for("presence:update", lambda d: d["userId"] == user)["status"] == "online"
+
+
+def test_anonymous_sockets_have_no_presence(connect):
+    watcher = connect(new_user_id())
+    settle()
+    before = len(watcher.received("presence:update"))
+    connect().close()
+    settle()
+    assert len(watcher.received("presence:update")) == before
+
+
+# =============================================================================
+# 3. Ack and error format
+# =============================================================================
+
+def test_an_unknown_event_answers_unknown_event(connect):
+    assert connect().call("order:delete", {"orderId": "x"}) == {
+        "error": "Unknown event: order:delete"}
+
+
+def test_a_payload_of_the_wrong_shape_answers_invalid_payload_with_detail(connect):
+    ack = connect(new_user_id()).call("order:updateStatus", ["not", "an", "object"])
+    assert ack == {"error": "Invalid payload", "detail": "payload must be an object"}
+
+
+def test_an_unexpected_exception_answers_internal_error_and_keeps_the_connection(start_server):
+    server = start_server()
+    user = new_user_id()
+    tab = Tab(server.url, make_token(user))
+    db = sqlite3.connect(server.db)
+    db.execute("ALTER TABLE notifications RENAME TO notifications_away")
+    db.commit()
+    assert tab.call("notification:send", {"toUserId": "x"}) == {"error": "Internal error"}
+    assert tab.call("whoami")["userId"] == user
+    assert "Traceback" in server.stderr() and "notification:send" in server.stderr()
+    db.execute("ALTER TABLE notifications_away RENAME TO notifications")
+    db.commit()
+    assert tab.call("notification:send", {"toUserId": "x"})["ok"] is True
+    tab.close()
+
+
+def test_undecodable_arguments_answer_invalid_payload(server):
+    ws = websocket.create_connection(server.url.replace("http", "ws")
+                                     + "/socket.io/?EIO=4&transport=websocket", timeout=5)
+    ws.recv()
+    ws.send("40")
+    ws.recv()
+    # Engine.IO message "4", Socket.IO event "2", then the ack id and the arguments.
+    junk = ['["message", {"room": 1' + "0" * 5000 + "}]", '["message", {broken',
+            "[" * 5000 + "]" * 5000, "[]", '"text"']
+    for ack_id, arguments in enumerate(junk, start=1):
+        ws.send(f"42{ack_id}{arguments}")
+        answer = ws.recv()
+        while not answer.startswith(f"43{ack_id}"):
+            answer = ws.recv()
+        assert json.loads(answer[2 + len(str(ack_id)):])[0]["error"] == "Invalid payload"
+    ws.send('429["whoami"]')
+    answer = ws.recv()
+    while not answer.startswith("439"):
+        answer = ws.recv()
+    assert json.loads(answer[3:]) == [{"error": "Unauthorized", "reason": "no token"}]
+    ws.close()
+
+
+def test_more_than_one_argument_answers_invalid_payload(connect):
+    tab = connect()
+    assert tab.client.call("joinRoom", ("a", "b"), timeout=5)["error"] == "Invalid payload"
+
+
+# =============================================================================
+# 4. Events: rooms and chat
+# =============================================================================
+
+def test_join_room_acks_and_tells_the_other_members_not_the_joiner(connect):
+    room = new_user_id("room")
+    alice, bob = connect(new_user_id()), connect(new_user_id())
+    alice.call("joinRoom", room)
+    assert bob.call("joinRoom", room) == {"ok": True, "room": room}
+    joined = alice.wait_for("joined")
+    assert joined == {"event": "joined", "room": room, "by": bob.sid,
+                      "user": {"id": bob.call("whoami")["userId"], "name": None}}
+    settle()
+    assert bob.received("joined") == []
+
+
+def test_join_room_takes_an_object_and_trims_the_name(connect):
+    assert connect().call("joinRoom", {"room": "  lobby  "}) == {"ok": True, "room": "lobby"}
+
+
+def test_an_anonymous_joiner_is_announced_with_user_null(connect):
+    room = new_user_id("room")
+    member, anonymous = connect(new_user_id()), connect()
+    member.call("joinRoom", room)
+    anonymous.call("joinRoom", room)
+    assert member.wait_for("joined")["user"] is None
+
+
+@pytest.mark.parametrize("room", ["", "   ", "x" * 65, 42, None, ["lobby"], {"room": 7}])
+def test_a_room_name_is_1_to_64_characters(connect, room):
+    ack = connect().call("joinRoom", room)
+    assert ack["error"] == "Invalid payload" and "room" in ack["detail"]
+
+
+def test_a_64_character_room_name_is_fine(connect):
+    assert connect().call("joinRoom", "r" * 64)["ok"] is True
+
+
+@pytest.mark.parametrize("room", ["admin", "admins", "user:someone", "user:"])
+def test_reserved_rooms_are_refused_with_access_denied(connect, room):
+    tab = connect(new_user_id())
+    assert tab.call("joinRoom", room) == {"error": "Access denied"}
+    assert tab.call("leaveRoom", room) == {"error": "Access denied"}
+
+
+def test_another_sockets_id_is_a_reserved_room(connect):
+    victim, spy = connect(new_user_id()), connect()
+    assert spy.call("joinRoom", victim.sid) == {"error": "Access denied"}
+
+
+def test_product_rooms_may_be_joined(connect):
+    assert connect().call("joinRoom", f"product:{TSHIRT}")["ok"] is True
+
+
+def test_leave_room_acks_and_tells_the_remaining_members(connect):
+    room = new_user_id("room")
+    alice, bob = connect(new_user_id()), connect(new_user_id())
+    alice.call("joinRoom", room)
+    bob.call("joinRoom", room)
+    assert bob.call("leaveRoom", room) == {"ok": True, "room": room}
+    left = alice.wait_for("left")
+    assert left["event"] == "left" and left["room"] == room and left["by"] == bob.sid
+    assert left["user"]["id"] == bob.call("whoami")["userId"]
+    settle()
+    assert bob.received("left") == []
+
+
+def test_leave_room_acks_when_not_a_member(connect):
+    assert connect().call("leaveRoom", {"room": "never-joined"}) == {"ok": True,
+                                                                     "room": "never-joined"}
+
+
+def test_message_reaches_every_member_including_the_sender(connect):
+    room = new_user_id("room")
+    user = new_user_id()
+    alice, bob, outsider = connect(user), connect(new_user_id()), connect(new_user_id())
+    alice.call("joinRoom", room)
+    bob.call("joinRoom", room)
+    ack = alice.call("message", {"room": room, "text": " hello ", "meta": {"color": "red"}})
+    assert ack == {"ok": True, "sentTo": f"room:{room}"}
+    for tab in (alice, bob):
+        got = tab.wait_for("message")
+        assert got["room"] == room and got["text"] == "hello"
+        assert got["from"] == {"id": user, "name": None} and got["meta"] == {"color": "red"}
+        assert set(got) == {"room", "text", "from", "ts", "meta"}
+    settle()
+    assert outsider.received("message") == []
+
+
+def test_an_anonymous_message_is_from_null(connect):
+    room = new_user_id("room")
+    tab = connect()
+    tab.call("joinRoom", room)
+    tab.call("message", {"room": room, "text": "hi"})
+    assert tab.wait_for("message")["from"] is None
+
+
+def test_message_needs_membership(connect):
+    assert connect().call("message", {"room": "elsewhere", "text": "hi"}) == {
+        "error": "Not in room"}
+
+
+@pytest.mark.parametrize("payload, detail", [
+    ({"room": "r", "text": "   "}, "text must be 1-2000 characters"),
+    ({"room": "r", "text": "x" * 2001}, "text must be 1-2000 characters"),
+    ({"room": "r", "text": 5}, "text must be a string"),
+    ({"room": "r", "text": "hi", "meta": "x"}, "meta must be an object"),
+    ({"room": "r", "text": "hi", "meta": {"k": "x" * 4100}}, "meta must be at most 4096 bytes"),
+    ("just text", "payload must be an object"),
+])
+def test_message_text_and_meta_bounds(connect, payload, detail):
+    tab = connect()
+    tab.call("joinRoom", "r")
+    ack = tab.call("message", payload)
+    assert ack["error"] == "Invalid payload" and detail in ack["detail"]
+
+
+def test_whoami_answers_identity_without_ok(connect):
+    user = new_user_id()
+    assert connect(token=make_token(user, role="admin", email="e@x.io")).call("whoami", None) \
+        == {"userId": user, "role": "admin", "email": "e@x.io", "isVerified": False}
+
+
+# =============================================================================
+# 4. Events: notifications
+# =============================================================================
+
+def test_notification_is_saved_before_the_ack_and_delivered_live(connect):
+    sender, recipient = new_user_id(), new_user_id()
+    sender_tab, recipient_tab = connect(sender), connect(recipient)
+    ack = sender_tab.call("notification:send", {
+        "toUserId": recipient, "type": "warning", "title": "Hi", "body": "Test",
+        "meta": {"orderId": "1"}, "priority": "high"})
+    assert ack == {"ok": True, "queued": True, "saved": True, "id": ack["id"]}
+    got = recipient_tab.wait_for("notification:received")
+    assert got == {"event": "notification:received", "id": ack["id"], "type": "warning",
+                   "title": "Hi", "body": "Test", "meta": {"orderId": "1"},
+                   "priority": "high", "from": sender, "ts": got["ts"]}
+
+
+def test_notification_defaults_are_info_and_normal(connect):
+    recipient = new_user_id()
+    tab = connect(recipient)
+    connect(new_user_id()).call("notification:send", {"toUserId": recipient})
+    got = tab.wait_for("notification:received")
+    assert (got["type"], got["priority"], got["title"], got["body"], got["meta"]) == \
+        ("info", "normal", None, None, None)
+
+
+def test_notification_reaches_every_tab_of_the_recipient_once(connect):
+    recipient = new_user_id()
+    tabs = [connect(recipient), connect(recipient)]
+    connect(new_user_id()).call("notification:send", {"toUserId": recipient})
+    for tab in tabs:
+        tab.wait_for("notification:received")
+    settle()
+    assert [len(tab.received("notification:received")) for tab in tabs] == [1, 1]
+
+
+def test_an_offline_recipient_gets_every_notification_oldest_first_on_next_connect(connect):
+    sender, recipient = connect(new_user_id()), new_user_id()
+    ids = [sender.call("notification:send", {"toUserId": recipient, "title": f"#{n}"})["id"]
+           for n in range(3)]
+    settle()
+    tab = connect(recipient)
+    assert [n["id"] for n in tab.wait_count("notification:received", 3)] == ids
+    tab.close()
+    settle()
+    again = connect(recipient)
+    settle(0.5)
+    assert again.received("notification:received") == []
+
+
+@pytest.mark.parametrize("payload, error", [
+    ({}, {"error": "toUserId is required"}),
+    ({"toUserId": ""}, {"error": "toUserId is required"}),
+    ({"toUserId": 7}, {"error": "toUserId is required"}),
+    ({"toUserId": "x", "type": "spam"}, {"error": "Invalid type"}),
+    ({"toUserId": "x", "priority": "urgent"}, {"error": "Invalid priority"}),
+    ({"toUserId": "x", "title": "t" * 201},
+     {"error": "Invalid payload", "detail": "title must be at most 200 characters"}),
+    ({"toUserId": "x", "body": "b" * 2001},
+     {"error": "Invalid payload", "detail": "body must be at most 2000 characters"}),
+    ({"toUserId": "x", "meta": [1]}, {"error": "Invalid payload", "detail": "meta must be an object"}),
+    (None, {"error": "Invalid payload", "detail": "payload must be an object"}),
+])
+def test_notification_send_errors(connect, payload, error):
+    assert connect(new_user_id()).call("notification:send", payload) == error
+
+
+def test_notification_send_needs_a_user(connect):
+    assert connect().call("notification:send", {"toUserId": "x"}) == {
+        "error": "Unauthorized", "reason": "no token"}
+
+
+def test_without_the_queue_delivery_is_inline_and_queued_is_false(start_server):
+    server = start_server(env={"NOTIFY_QUEUE": "0"})
+    recipient = new_user_id()
+    tab, sender = Tab(server.url, make_token(recipient)), Tab(server.url, make_token("s"))
+    ack = sender.call("notification:send", {"toUserId": recipient, "title": "inline"})
+    assert ack["queued"] is False and ack["saved"] is True
+    assert tab.wait_for("notification:received")["id"] == ack["id"]
+    tab.close()
+    sender.close()
+
+
+# =============================================================================
+# 4. Events: orders
+# =============================================================================
+
+def test_the_original_example_order_is_created_pending_with_total_350(connect):
+    user = new_user_id()
+    ack = connect(user).call("order:create", {**EXAMPLE_ORDER, "paymentMethod": "card",
+                                              "shippingAddress": {"city": "Kyiv"}})
+    order = ack["order"]
+    assert ack["ok"] is True and set(ack) == {"ok", "order"}
+    assert set(order) == {"_id", "user", "items", "shippingAddress", "paymentMethod", "total",
+                          "status", "createdAt", "updatedAt"}
+    assert len(order["_id"]) == 24 and int(order["_id"], 16) >= 0
+    assert (order["user"], order["total"], order["status"]) == (user, 350, "pending")
+    assert order["items"] == EXAMPLE_ORDER["items"]
+    assert order["shippingAddress"] == {"city": "Kyiv"} and order["paymentMethod"] == "card"
+    assert order["createdAt"] == order["updatedAt"]
+
+
+def test_order_created_reaches_owner_and_admins_once_per_socket(connect):
+    user = new_user_id()
+    owner_tab, admin_tab, stranger = connect(user), connect(new_user_id(), "admin"), \
+        connect(new_user_id())
+    order = owner_tab.call("order:create", EXAMPLE_ORDER)["order"]
+    for tab in (owner_tab, admin_tab):
+        assert tab.wait_for("order:created", lambda d: d["order"]["_id"] == order["_id"]) == \
+            {"event": "order:created", "order": order}
+    settle()
+    assert len([d for d in admin_tab.received("order:created")
+                if d["order"]["_id"] == order["_id"]]) == 1
+    assert len(owner_tab.received("order:created")) == 1
+    assert stranger.received("order:created") == []
+
+
+def test_the_ack_comes_before_the_order_created_event(connect):
+    tab = connect(new_user_id())
+    order = tab.call("order:create", EXAMPLE_ORDER)["order"]
+    # The ack has returned; the event may arrive only now, and must.
+    assert tab.wait_for("order:created")["order"]["_id"] == order["_id"]
+
+
+def bad_item(**fields):
+    return {"items": [{"product": TSHIRT, "quantity": 1, "price": 100, **fields}], "total": 100}
+
+
+@pytest.mark.parametrize("payload, error", [
+    ({"total": 1}, "items must be a non-empty array"),
+    ({"items": "x", "total": 1}, "items must be a non-empty array"),
+    ({"items": [], "total": 1}, "items must be a non-empty array"),
+    ({"items": [{"product": TSHIRT, "quantity": 1, "price": 100}] * 101, "total": 10100},
+     "too many items"),
+    (bad_item(product="<64a1b2c3d4e5f67890123456>"),
+     'Cast to ObjectId failed for value "<64a1b2c3d4e5f67890123456>" at path "items.0.product"'),
+    (bad_item(product=12), 'Cast to ObjectId failed for value "12" at path "items.0.product"'),
+    (bad_item(price=None), "items.0.price: Path 'price' is required"),
+    (bad_item(quantity=None), "items.0.quantity: Path 'quantity' is required"),
+    (bad_item(quantity=0), "items.0.quantity must be a positive integer"),
+    (bad_item(quantity=1.5), "items.0.quantity must be a positive integer"),
+    (bad_item(quantity=True), "items.0.quantity must be a positive integer"),
+    (bad_item(quantity="2"), "items.0.quantity must be a positive integer"),
+    (bad_item(price=-1), "items.0.price must be a non-negative number"),
+    (bad_item(price="100"), "items.0.price must be a non-negative number"),
+    (bad_item(price=False), "items.0.price must be a non-negative number"),
+    ({"items": [{"product": TSHIRT, "quantity": 1, "price": 100}]}, "total: Path 'total' is required"),
+    ({**bad_item(), "total": "100"}, "total must be a number"),
+    (bad_item(product="64a1b2c3d4e5f6789012ffff"), "Product not found: 64a1b2c3d4e5f6789012ffff"),
+    (bad_item(price=99.99), "Price mismatch for items.0 (catalogue price 100)"),
+    ({**EXAMPLE_ORDER, "total": 349.99}, "Total mismatch (expected 350)"),
+    (one_item_order(MUG, quantity=21, price=150), f"Insufficient stock for product {MUG}"),
+])
+def test_order_create_validation_messages(connect, payload, error):
+    assert connect(new_user_id()).call("order:create", payload) == {"error": error}
+
+
+def test_order_validation_names_the_failing_item_index(connect):
+    payload = {"items": [{"product": TSHIRT, "quantity": 1, "price": 100},
+                         {"product": MUG, "quantity": 1}], "total": 250}
+    assert connect(new_user_id()).call("order:create", payload) == {
+        "error": "items.1.price: Path 'price' is required"}
+
+
+def test_totals_are_compared_in_cents(start_server):
+    server = start_server()
+    tab = Tab(server.url, make_token(new_user_id()))
+    # 3 x 0.1 is 0.30000000000000004 in floating point; in cents it is 30.
+    db = sqlite3.connect(server.db)
+    db.execute(f"UPDATE products SET price_cents = 10 WHERE id = '{STICKERS}'")
+    db.commit()
+    ack = tab.call("order:create", {"items": [{"product": STICKERS, "quantity": 3, "price": 0.1}],
+                                    "total": 0.3})
+    assert ack["ok"] is True and ack["order"]["total"] == 0.3
+    tab.close()
+
+
+def test_order_create_needs_a_user(connect):
+    assert connect().call("order:create", EXAMPLE_ORDER) == {"error": "Unauthorized",
+                                                             "reason": "no token"}
+
+
+def test_a_retried_create_with_the_same_idempotency_key_returns_the_original(connect):
+    tab, admin = connect(new_user_id()), connect(new_user_id(), "admin")
+    first = tab.call("order:create", {**EXAMPLE_ORDER, "idempotencyKey": "cart-1"})
+    again = tab.call("order:create", {**EXAMPLE_ORDER, "idempotencyKey": "cart-1"})
+    assert again == {"ok": True, "order": first["order"], "duplicate": True}
+    settle()
+    assert len([d for d in admin.received("order:created")
+                if d["order"]["_id"] == first["order"]["_id"]]) == 1
+    assert len(tab.received("order:created")) == 1
+    other = connect(new_user_id()).call("order:create", {**EXAMPLE_ORDER,
+                                                          "idempotencyKey": "cart-1"})
+    assert other["order"]["_id"] != first["order"]["_id"]
+
+
+@pytest.mark.parametrize("key", ["", "k" * 65, 12])
+def test_an_idempotency_key_is_a_string_of_at_most_64_characters(connect, key):
+    ack = connect(new_user_id()).call("order:create", {**EXAMPLE_ORDER, "idempotencyKey": key})
+    assert ack["error"] == "Invalid payload" and "idempotencyKey" in ack["detail"]
+
+
+def create(tab, payload=None):
+    return tab.call("order:create", payload or one_item_order())["order"]
+
+
+@pytest.mark.parametrize("order_id", ["nope", 12, None, "64a1b2c3d4e5f6789012345"])
+def test_update_status_with_a_bad_id_is_a_cast_error(connect, order_id):
+    ack = connect(new_user_id()).call("order:updateStatus", {"orderId": order_id,
+                                                             "status": "paid"})
+    shown = order_id if isinstance(order_id, str) else "undefined" if order_id is None \
+        else json.dumps(order_id)
+    assert ack == {"error": f'Cast to ObjectId failed for value "{shown}" at path "_id"'}
+
+
+def test_update_status_of_an_unknown_order_is_order_not_found(connect):
+    assert connect(new_user_id()).call("order:updateStatus", {
+        "orderId": "0123456789abcdef01234567", "status": "paid"}) == {"error": "Order not found"}
+
+
+def test_update_status_by_another_user_is_access_denied(connect):
+    order = create(connect(new_user_id()))
+    assert connect(new_user_id()).call("order:updateStatus", {
+        "orderId": order["_id"], "status": "cancelled"}) == {"error": "Access denied"}
+
+
+@pytest.mark.parametrize("status", ["refunded", "", 5, None, "PAID"])
+def test_update_status_to_an_unknown_status_is_invalid_status(connect, status):
+    tab = connect(new_user_id())
+    assert tab.call("order:updateStatus", {"orderId": create(tab)["_id"], "status": status}) == \
+        {"error": "Invalid status"}
+
+
+ALLOWED = {("pending", "paid"), ("pending", "cancelled"), ("paid", "shipped"),
+           ("paid", "cancelled"), ("shipped", "completed")}
+PATHS = {"pending": [], "paid": ["paid"], "shipped": ["paid", "shipped"],
+         "completed": ["paid", "shipped", "completed"], "cancelled": ["cancelled"]}
+
+
+@pytest.mark.parametrize("current", list(PATHS))
+@pytest.mark.parametrize("target", list(PATHS))
+def test_status_transitions(connect, current, target):
+    admin = connect(new_user_id(), "admin")
+    order = create(admin)
+    for step in PATHS[current]:
+        assert admin.call("order:updateStatus", {"orderId": order["_id"], "status": step})["ok"]
+    ack = admin.call("order:updateStatus", {"orderId": order["_id"], "status": target})
+    if current == target or (current, target) in ALLOWED:
+        assert ack["ok"] is True and ack["order"]["status"] == target
+    else:
+        assert ack == {"error": f"Invalid status transition: {current} -> {target}"}
+
+
+def test_setting_the_current_status_is_a_no_op_that_acks_ok(connect):
+    tab, admin = connect(new_user_id()), connect(new_user_id(), "admin")
+    order = create(tab)
+    ack = tab.call("order:updateStatus", {"orderId": order["_id"], "status": "pending"})
+    assert ack == {"ok": True, "order": order}
+    settle()
+    assert [d for d in admin.received("order:updated") if d["order"]["_id"] == order["_id"]] == []
+
+
+def test_the_owner_may_pay_and_cancel_but_not_ship(connect):
+    tab = connect(new_user_id())
+    paid = create(tab)
+    assert tab.call("order:updateStatus", {"orderId": paid["_id"], "status": "paid"})["ok"]
+    assert tab.call("order:updateStatus", {"orderId": paid["_id"], "status": "shipped"}) == \
+        {"error": "Access denied"}
+    assert tab.call("order:updateStatus", {"orderId": paid["_id"], "status": "cancelled"})["ok"]
+
+
+def test_an_admin_may_change_anyones_order(connect):
+    order = create(connect(new_user_id()))
+    admin = connect(new_user_id(), "admin")
+    for status in ("paid", "shipped", "completed"):
+        ack = admin.call("order:updateStatus", {"orderId": order["_id"], "status": status})
+        assert ack["ok"] is True and ack["order"]["status"] == status
+
+
+def test_order_updated_reaches_owner_and_admins_once_per_socket(connect):
+    user = new_user_id()
+    owner, admin, stranger = connect(user), connect(new_user_id(), "admin"), \
+        connect(new_user_id())
+    order = create(owner)
+    ack = owner.call("order:updateStatus", {"orderId": order["_id"], "status": "cancelled"})
+    for tab in (owner, admin):
+        assert tab.wait_for("order:updated", lambda d: d["order"]["_id"] == order["_id"]) == \
+            {"event": "order:updated", "order": ack["order"]}
+    settle()
+    assert len([d for d in admin.received("order:updated")
+                if d["order"]["_id"] == order["_id"]]) == 1
+    assert stranger.received("order:updated") == []
+    assert ack["order"]["updatedAt"] >= ack["order"]["createdAt"]
+
+
+def test_paying_takes_stock_and_tells_every_client(start_server):
+    server = start_server()
+    owner = Tab(server.url, make_token(new_user_id()))
+    anonymous = Tab(server.url)
+    order = create(owner, EXAMPLE_ORDER)
+    owner.call("order:updateStatus", {"orderId": order["_id"], "status": "paid"})
+    assert server.stock(TSHIRT) == 48 and server.stock(MUG) == 19
+    updates = anonymous.wait_count("product:stockUpdated", 2)
+    assert {u["productId"]: (u["stock"], u["delta"]) for u in updates} == {
+        TSHIRT: (48, -2), MUG: (19, -1)}
+    assert all(u["event"] == "product:stockUpdated" and u["at"] for u in updates)
+    owner.close()
+    anonymous.close()
+
+
+def test_cancelling_a_paid_order_puts_the_stock_back(start_server):
+    server = start_server()
+    owner = Tab(server.url, make_token(new_user_id()))
+    order = create(owner, one_item_order(MUG, 3, 150))
+    owner.call("order:updateStatus", {"orderId": order["_id"], "status": "paid"})
+    assert server.stock(MUG) == 17
+    owner.call("order:updateStatus", {"orderId": order["_id"], "status": "cancelled"})
+    assert server.stock(MUG) == 20
+    back = owner.wait_for("product:stockUpdated", lambda u: u["delta"] > 0)
+    assert (back["productId"], back["stock"], back["delta"]) == (MUG, 20, 3)
+    owner.close()
+
+
+def test_cancelling_a_pending_order_moves_no_stock(start_server):
+    server = start_server()
+    owner = Tab(server.url, make_token(new_user_id()))
+    order = create(owner, one_item_order(MUG, 3, 150))
+    owner.call("order:updateStatus", {"orderId": order["_id"], "status": "cancelled"})
+    settle()
+    assert server.stock(MUG) == 20 and owner.received("product:stockUpdated") == []
+    owner.close()
+
+
+def test_paying_without_enough_stock_leaves_order_and_stock_unchanged(start_server):
+    server = start_server()
+    first, second = (Tab(server.url, make_token(new_user_id())) for _ in range(2))
+    mugs = create(first, one_item_order(MUG, 15, 150))
+    more = create(second, {"items": [{"product": TSHIRT, "quantity": 1, "price": 100},
+                                     {"product": MUG, "quantity": 10, "price": 150}],
+                           "total": 1600})
+    first.call("order:updateStatus", {"orderId": mugs["_id"], "status": "paid"})
+    ack = second.call("order:updateStatus", {"orderId": more["_id"], "status": "paid"})
+    assert ack == {"error": f"Insufficient stock for product {MUG}"}
+    assert server.stock(TSHIRT) == 50 and server.stock(MUG) == 5
+    assert second.call("order:updateStatus", {"orderId": more["_id"], "status": "pending"}
+                       )["order"]["status"] == "pending"
+    first.close()
+    second.close()
+
+
+def test_ten_concurrent_payments_for_the_last_poster_sell_it_once(start_server):
+    server = start_server()
+    tabs = [Tab(server.url, make_token(new_user_id())) for _ in range(10)]
+    orders = [create(tab, one_item_order(POSTER, 1, 40)) for tab in tabs]
+    barrier, acks = threading.Barrier(10), [None] * 10
+
+    def pay(n):
+        barrier.wait()
+        acks[n] = tabs[n].call("order:updateStatus", {"orderId": orders[n]["_id"],
+                                                      "status": "paid"})
+
+    threads = [threading.Thread(target=pay, args=(n,)) for n in range(10)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sum(1 for ack in acks if ack.get("ok")) == 1
+    assert [ack for ack in acks if not ack.get("ok")] == \
+        [{"error": f"Insufficient stock for product {POSTER}"}] * 9
+    assert server.stock(POSTER) == 0
+    for tab in tabs:
+        tab.close()
+
+
+def test_order_update_status_needs_a_user(connect):
+    assert connect().call("order:updateStatus", {"orderId": "0" * 24, "status": "paid"}) == \
+        {"error": "Unauthorized", "reason": "no token"}
+
+
+# =============================================================================
+# 4. Events: typing
+# =============================================================================
+
+def test_personal_typing_reaches_the_user_room(connect):
+    sender, recipient = new_user_id(), new_user_id()
+    target = connect(recipient)
+    assert connect(sender).call("typing", {"toUserId": recipient}) == {"ok": True,
+                                                                      "mode": "personal"}
+    got = target.wait_for("typing")
+    assert got == {"event": "typing", "from": sender, "at": got["at"]}
+
+
+def test_room_typing_reaches_the_other_members(connect):
+    room, sender = new_user_id("room"), new_user_id()
+    typist, member = connect(sender), connect(new_user_id())
+    typist.call("joinRoom", room)
+    member.call("joinRoom", room)
+    assert typist.call("typing", {"room": room}) == {"ok": True, "mode": "room"}
+    got = member.wait_for("typing")
+    assert got == {"event": "typing", "from": sender, "room": room, "at": got["at"]}
+    settle()
+    assert typist.received("typing") == []
+
+
+def test_room_typing_needs_membership(connect):
+    assert connect(new_user_id()).call("typing", {"room": "elsewhere"}) == {"error": "Not in room"}
+
+
+@pytest.mark.parametrize("payload", [{}, {"toUserId": "a", "room": "b"}, {"toUserId": 5}, "a"])
+def test_typing_takes_exactly_one_of_to_user_id_or_room(connect, payload):
+    assert connect(new_user_id()).call("typing", payload)["error"] == "Invalid payload"
+
+
+def test_typing_needs_a_user(connect):
+    assert connect().call("typing", {"toUserId": "x"}) == {"error": "Unauthorized",
+                                                           "reason": "no token"}
+
+
+# =============================================================================
+# 5. Storage
+# =============================================================================
+
+def test_a_restart_keeps_orders_and_delivers_saved_notifications(start_server, tmp_path):
+    db = tmp_path / "kept.db"
+    server = start_server(db=db)
+    owner, recipient = new_user_id(), new_user_id()
+    tab = Tab(server.url, make_token(owner))
+    order = create(tab, one_item_order(MUG, 2, 150))
+    tab.call("order:updateStatus", {"orderId": order["_id"], "status": "paid"})
+    note = tab.call("notification:send", {"toUserId": recipient, "title": "while you were away"})
+    tab.close()
+    assert server.stop() == 0
+
+    server = start_server(db=db)
+    assert server.stock(MUG) == 18
+    tab = Tab(server.url, make_token(owner))
+    kept = tab.call("order:updateStatus", {"orderId": order["_id"], "status": "paid"})
+    assert kept["order"]["status"] == "paid" and kept["order"]["items"] == order["items"]
+    away = Tab(server.url, make_token(recipient))
+    assert away.wait_for("notification:received")["id"] == note["id"]
+    tab.close()
+    away.close()
+
+
+def test_every_acked_order_survives_kill_9(start_server, tmp_path):
+    db = tmp_path / "crash.db"
+    server = start_server(db=db)
+    user = new_user_id()
+    tab = Tab(server.url, make_token(user))
+    acked, stop = [], threading.Event()
+
+    def stream():
+        while not stop.is_set():
+            try:
+                ack = tab.call("order:create", one_item_order(), timeout=2)
+            except socketio.exceptions.SocketIOError:
+                return
+            if ack.get("ok"):
+                acked.append(ack["order"]["_id"])
+
+    writer = threading.Thread(target=stream)
+    writer.start()
+    while len(acked) < 50:
+        time.sleep(0.01)
+    server.kill()
+    stop.set()
+    writer.join()
+    tab.close()
+
+    server = start_server(db=db)
+    tab = Tab(server.url, make_token(user))
+    for order_id in acked:
+        ack = tab.call("order:updateStatus", {"orderId": order_id, "status": "pending"})
+        assert ack.get("ok") is True, (order_id, ack)
+    tab.close()
+
+
+def test_ids_are_24_hex_object_ids_in_creation_order(connect):
+    tab = connect(new_user_id())
+    ids = [create(tab)["_id"] for _ in range(3)]
+    assert all(len(i) == 24 and int(i, 16) for i in ids)
+    assert ids == sorted(ids)
+
+
+# =============================================================================
+# 7. Limits
+# =============================================================================
+
+def test_rate_limits_answer_with_retry_after_ms(start_server):
+    server = start_server(env={"RATE_LIMITS": "message=3/10s"})
+    tab = Tab(server.url, make_token(new_user_id()))
+    tab.call("joinRoom", "r")
+    acks = [tab.call("message", {"room": "r", "text": "hi"}) for _ in range(4)]
+    assert [a.get("ok") for a in acks[:3]] == [True] * 3
+    assert acks[3]["error"] == "Rate limit exceeded" and 0 < acks[3]["retryAfterMs"] <= 3400
+    tab.close()
+
+
+def test_rate_limits_are_per_user_across_tabs(start_server):
+    server = start_server(env={"RATE_LIMITS": "typing=2/10s"})
+    user = new_user_id()
+    first, second = Tab(server.url, make_token(user)), Tab(server.url, make_token(user))
+    assert first.call("typing", {"toUserId": "x"})["ok"]
+    assert second.call("typing", {"toUserId": "x"})["ok"]
+    assert first.call("typing", {"toUserId": "x"})["error"] == "Rate limit exceeded"
+    other = Tab(server.url, make_token(new_user_id()))
+    assert other.call("typing", {"toUserId": "x"})["ok"]
+    for tab in (first, second, other):
+        tab.close()
+
+
+def test_rate_limits_are_per_socket_for_anonymous(start_server):
+    server = start_server(env={"RATE_LIMITS": "*=2/10s"})
+    first, second = Tab(server.url), Tab(server.url)
+    assert [first.call("joinRoom", "r").get("ok") for _ in range(2)] == [True, True]
+    assert first.call("joinRoom", "r")["error"] == "Rate limit exceeded"
+    assert second.call("joinRoom", "r")["ok"] is True
+    first.close()
+    second.close()
+
+
+def test_default_rate_limits_apply_without_configuration(start_server):
+    server = start_server(env={"RATE_LIMITS": None})
+    tab = Tab(server.url, make_token(new_user_id()))
+    acks = [tab.call("order:create", one_item_order()) for _ in range(6)]
+    assert [bool(a.get("ok")) for a in acks] == [True] * 5 + [False]
+    assert acks[5]["error"] == "Rate limit exceeded"
+    tab.call("joinRoom", "r")
+    messages = [tab.call("message", {"room": "r", "text": "x"}) for _ in range(21)]
+    assert messages[19].get("ok") and messages[20]["error"] == "Rate limit exceeded"
+    tab.close()
+
+
+def test_rate_limits_off_lets_everything_through(connect):
+    tab = connect(new_user_id())
+    assert all(tab.call("typing", {"toUserId": "x"}).get("ok") for _ in range(60))
+
+
+@pytest.mark.parametrize("transport", ["websocket", "polling"])
+def test_a_packet_above_max_payload_bytes_closes_only_that_connection(start_server, transport):
+    server = start_server(env={"MAX_PAYLOAD_BYTES": "2000"})
+    sender, bystander = Tab(server.url, transports=(transport,)), Tab(server.url)
+    sender.client.emit("message", {"room": "r", "text": "x" * 5000})
+    assert sender.disconnected.wait(5)
+    assert bystander.call("joinRoom", "r")["ok"] is True
+    assert Tab(server.url).call("joinRoom", "r")["ok"] is True
+    bystander.close()
+
+
+BAD_INPUTS = [None, 0, -1, 1.5, True, "", "x" * 50_000, [], [1, "a", None], {"a": {"b": [{}]}},
+              {"room": {"nested": ["junk"]}, "text": ["x"], "items": {"0": 1}, "total": [],
+               "toUserId": {}, "orderId": [], "status": {}, "meta": 5}]
+
+
+@pytest.mark.parametrize("event", ["joinRoom", "leaveRoom", "message", "notification:send",
+                                   "order:create", "order:updateStatus", "typing"])
+def test_bad_input_gets_an_error_ack_and_the_connection_survives(connect, event):
+    user = new_user_id()
+    tab = connect(user)
+    for payload in BAD_INPUTS:
+        ack = tab.call(event, payload)
+        assert isinstance(ack, dict) and ack.get("error") not in (None, "Internal error"), \
+            (event, payload, ack)
+    assert tab.call("whoami")["userId"] == user
+
+
+def test_the_polling_transport_serves_the_same_protocol(connect):
+    user, room = new_user_id(), new_user_id("room")
+    tab = connect(user, transports=("polling",))
+    assert tab.call("whoami")["userId"] == user
+    tab.call("joinRoom", room)
+    assert tab.call("message", {"room": room, "text": "over polling"})["ok"]
+    assert tab.wait_for("message")["text"] == "over polling"
+    assert tab.call("order:create", EXAMPLE_ORDER)["ok"]
+    tab.wait_for("order:created")
+
+
+def test_a_long_polling_batch_of_many_packets_is_answered_in_full(server):
+    """python-engineio drops batches of more than 16 packets unless told otherwise."""
+    base = server.url + "/socket.io/?EIO=4&transport=polling"
+    session = requests.Session()
+    sid = json.loads(session.get(base).text[1:])["sid"]
+    url = f"{base}&sid={sid}"
+    session.post(url, data="40")
+    session.get(url)
+    batch = "\x1e".join(f'42{n}["joinRoom","room-{n}"]' for n in range(40))
+    assert session.post(url, data=batch).status_code == 200
+    acks = []
+    deadline = time.monotonic() + 5
+    while len(acks) < 40 and time.monotonic() < deadline:
+        acks += [p for p in session.get(url).text.split("\x1e") if p.startswith("43")]
+    assert len(acks) == 40
