@@ -7,6 +7,7 @@ errors, each event, storage, limits.
 import base64
 import json
 import os
+import re
 import signal
 import sqlite3
 import stat
@@ -1115,6 +1116,21 @@ def test_the_polling_transport_serves_the_same_protocol(connect):
     assert tab.wait_for("message")["text"] == "over polling"
     assert tab.call("order:create", EXAMPLE_ORDER)["ok"]
     tab.wait_for("order:created")
+
+
+def test_the_readme_flow_runs_on_the_official_javascript_client(start_server):
+    """examples/flow.mjs is the README's whole-flow script, run by socket.io-client 4."""
+    script = SERVER.parent / "examples" / "flow.mjs"
+    assert script.read_text() in (SERVER.parent / "README.md").read_text()
+    server = start_server(env={"JWT_SECRET": None})
+    done = subprocess.run(["node", str(script), server.url], cwd=script.parent, text=True,
+                          capture_output=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    for line in ["whoami { userId: 'alice', role: 'user', email: null, isVerified: false }",
+                 "message { ok: true, sentTo: 'room:lobby' }", "admin got message hi",
+                 "paid paid", "shipped shipped", "bob got on connect: Hi Test"]:
+        assert line in done.stdout.splitlines(), done.stdout
+    assert re.search(r"^created [0-9a-f]{24} pending$", done.stdout, re.MULTILINE)
 
 
 def test_a_long_polling_batch_of_many_packets_is_answered_in_full(server):
