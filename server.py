@@ -755,7 +755,8 @@ class LenientPacket(socketio.packet.Packet):
     than Python parses, nesting deeper than its recursion limit, no event name)
     would be dropped with a traceback and the client left waiting. Decoded as
     the event MALFORMED instead, it gets an `Invalid payload` ack like any
-    other bad input."""
+    other bad input. So does an event named `connect` or `disconnect`, which
+    python-socketio would otherwise pass to the connection handlers."""
 
     def decode(self, encoded_packet: Any) -> int:
         try:
@@ -765,9 +766,12 @@ class LenientPacket(socketio.packet.Packet):
                 raise
             self.data = [MALFORMED, "the event's arguments are not valid JSON"]
             return 0
-        if self.packet_type == socketio.packet.EVENT and not (
-                isinstance(self.data, list) and self.data and isinstance(self.data[0], str)):
+        if self.packet_type != socketio.packet.EVENT:
+            return attachments
+        if not (isinstance(self.data, list) and self.data and isinstance(self.data[0], str)):
             self.data = [MALFORMED, "an event is a JSON array that starts with its name"]
+        elif self.data[0] in socketio.Server.reserved_events:
+            self.data = [MALFORMED, f"{self.data[0]!r} is a reserved event name"]
         return attachments
 
 
@@ -1155,11 +1159,8 @@ and <a href="/metrics">/metrics</a>.</p>"""
 def respond(start_response: Callable, status: str, body: str | bytes,
             content_type: str = "application/json") -> list[bytes]:
     data = body.encode() if isinstance(body, str) else body
-    headers = [("Content-Type", content_type), ("Content-Length", str(len(data))),
-               ("Cache-Control", "no-store")]
-    if config.cors_origins == "*":
-        headers.append(("Access-Control-Allow-Origin", "*"))
-    start_response(status, headers)
+    start_response(status, [("Content-Type", content_type), ("Content-Length", str(len(data))),
+                            ("Cache-Control", "no-store")])
     return [data]
 
 
@@ -1203,13 +1204,22 @@ ROUTES = {"/": tester_page, "/health": health, "/api/products": products,
 
 
 def http_app(environ: dict, start_response: Callable) -> list[bytes]:
+    def start_with_cors(status: str, headers: list) -> Any:
+        """The same CORS_ORIGINS as the Socket.IO endpoint."""
+        origin = environ.get("HTTP_ORIGIN")
+        if config.cors_origins == "*":
+            headers.append(("Access-Control-Allow-Origin", "*"))
+        elif origin in config.cors_origins:
+            headers += [("Access-Control-Allow-Origin", origin), ("Vary", "Origin")]
+        return start_response(status, headers)
+
     route = ROUTES.get(environ.get("PATH_INFO", "/"))
     if route is None:
-        return json_response(start_response, {"error": "Not found"}, "404 Not Found")
+        return json_response(start_with_cors, {"error": "Not found"}, "404 Not Found")
     if environ["REQUEST_METHOD"] not in ("GET", "HEAD"):
-        return json_response(start_response, {"error": "Method not allowed"},
+        return json_response(start_with_cors, {"error": "Method not allowed"},
                              "405 Method Not Allowed")
-    return route(environ, start_response)
+    return route(environ, start_with_cors)
 
 
 app = socketio.WSGIApp(sio, http_app)

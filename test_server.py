@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 
 import jwt
 import pytest
@@ -77,6 +78,18 @@ def test_root_serves_a_page(server):
     status, body, headers = server.get("/")
     assert status == 200 and headers["Content-Type"].startswith("text/html")
     assert "<html" in body.lower() or "<!doctype html" in body.lower()
+
+
+def test_http_routes_follow_cors_origins(start_server):
+    server = start_server(env={"CORS_ORIGINS": "http://shop.test, http://admin.test"})
+    for origin, allowed in [("http://shop.test", "http://shop.test"), ("http://evil.test", None)]:
+        request = urllib.request.Request(server.url + "/api/products", headers={"Origin": origin})
+        with urllib.request.urlopen(request, timeout=5) as response:
+            assert response.headers.get("Access-Control-Allow-Origin") == allowed
+    assert requests.get(server.url + "/socket.io/?EIO=4&transport=polling",
+                        headers={"Origin": "http://evil.test"}, timeout=5).status_code == 400
+    assert requests.get(server.url + "/socket.io/?EIO=4&transport=polling",
+                        headers={"Origin": "http://shop.test"}, timeout=5).status_code == 200
 
 
 def test_unknown_path_is_404_json(server):
@@ -410,6 +423,27 @@ def test_undecodable_arguments_answer_invalid_payload(server):
     while not answer.startswith("439"):
         answer = ws.recv()
     assert json.loads(answer[3:]) == [{"error": "Unauthorized", "reason": "no token"}]
+    ws.close()
+
+
+def test_clients_cannot_send_the_reserved_connect_and_disconnect_events(server, connect):
+    user = new_user_id()
+    watcher = connect(new_user_id())
+    ws = websocket.create_connection(server.url.replace("http", "ws")
+                                     + "/socket.io/?EIO=4&transport=websocket", timeout=5)
+    ws.recv()
+    ws.send("40" + json.dumps({"token": make_token(user)}))
+    watcher.wait_for("presence:update", lambda d: d["userId"] == user)
+    for ack_id, name in enumerate(["disconnect", "connect"], start=1):
+        ws.send(f'42{ack_id}["{name}", {{}}]')
+        answer = ws.recv()
+        while not answer.startswith(f"43{ack_id}"):
+            answer = ws.recv()
+        assert json.loads(answer[3:])[0] == {
+            "error": "Invalid payload", "detail": f"'{name}' is a reserved event name"}
+    settle()
+    assert [d["status"] for d in watcher.received("presence:update") if d["userId"] == user] == \
+        ["online"]
     ws.close()
 
 
