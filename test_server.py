@@ -30,7 +30,6 @@ from conftest import (
     SERVER,
     STICKERS,
     TSHIRT,
-    Tab,
     make_token,
     new_user_id,
     settle,
@@ -113,7 +112,7 @@ def test_metrics_route_counts_connections_events_errors_and_latency(server, conn
 
 
 def test_dev_secret_is_created_once_with_mode_0600_and_demo_tokens_are_printed(start_server,
-                                                                                tmp_path):
+                                                                                tmp_path, connect):
     server = start_server(env={"JWT_SECRET": None})
     secret_file = tmp_path / "shop.db.secret"
     assert stat.S_IMODE(secret_file.stat().st_mode) == 0o600
@@ -122,7 +121,7 @@ def test_dev_secret_is_created_once_with_mode_0600_and_demo_tokens_are_printed(s
     user_token = tokens["  demo user "]
     claims = jwt.decode(user_token.removeprefix("Bearer "), secret, algorithms=["HS256"])
     assert claims["sub"] == "demo-user" and claims["role"] == "user"
-    admin_tab = Tab(server.url, tokens["  demo admin"])
+    admin_tab = connect(token=tokens["  demo admin"], on=server)
     assert admin_tab.call("whoami")["role"] == "admin"
     admin_tab.close()
     server.stop()
@@ -131,7 +130,7 @@ def test_dev_secret_is_created_once_with_mode_0600_and_demo_tokens_are_printed(s
 
 
 def test_token_command_prints_a_bearer_token_signed_with_the_server_secret(start_server,
-                                                                           tmp_path):
+                                                                           tmp_path, connect):
     db = tmp_path / "cli.db"
     done = run_cli("token", "alice", "--role", "admin", "--email", "a@example.com",
                    "--name", "Alice", "--ttl", "30m", "--db", str(db), env={"JWT_SECRET": ""})
@@ -139,12 +138,11 @@ def test_token_command_prints_a_bearer_token_signed_with_the_server_secret(start
     token = done.stdout.strip()
     assert token.startswith("Bearer ")
     server = start_server(env={"JWT_SECRET": None}, db=db)
-    tab = Tab(server.url, token)
+    tab = connect(token=token, on=server)
     assert tab.call("whoami") == {"userId": "alice", "role": "admin", "email": "a@example.com",
                                   "isVerified": False}
     claims = jwt.decode(token[7:], options={"verify_signature": False})
     assert 1790 <= claims["exp"] - claims["iat"] <= 1810
-    tab.close()
 
 
 def test_token_command_uses_jwt_secret_when_set():
@@ -172,10 +170,10 @@ def test_a_bad_setting_exits_2_with_a_one_line_error(tmp_path, args, env, messag
     assert len(lines) == 1 and lines[0].startswith("server.py: error: ") and message in lines[0]
 
 
-def test_dev_token_route_issues_tokens_while_on_the_dev_secret(start_server):
+def test_dev_token_route_issues_tokens_while_on_the_dev_secret(start_server, connect):
     server = start_server(env={"JWT_SECRET": None})
     token = server.get_json("/dev/token?user=carol&role=admin")["token"]
-    tab = Tab(server.url, token)
+    tab = connect(token=token, on=server)
     assert tab.call("whoami")["userId"] == "carol"
     assert tab.call("whoami")["role"] == "admin"
     tab.close()
@@ -188,11 +186,11 @@ def test_dev_token_route_is_404_once_jwt_secret_is_set(server):
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_a_stop_signal_delivers_queued_notifications_closes_the_database_and_exits_0(
-        start_server, sig):
+        start_server, sig, connect):
     server = start_server()
     sender, recipient = new_user_id(), new_user_id()
-    sender_tab, recipient_tab = Tab(server.url, make_token(sender)), \
-        Tab(server.url, make_token(recipient))
+    sender_tab, recipient_tab = connect(sender, on=server), \
+        connect(recipient, on=server)
     for n in range(300):            # no acks awaited: the queue is full when the signal lands
         sender_tab.client.emit("notification:send", {"toUserId": recipient, "title": f"n{n}"})
     sender_tab.call("whoami")
@@ -205,8 +203,6 @@ def test_a_stop_signal_delivers_queued_notifications_closes_the_database_and_exi
         "SELECT count(*), count(*) - count(delivered_at) FROM notifications").fetchone()
     assert saved == 300 and undelivered == 0
     assert len(recipient_tab.wait_count("notification:received", saved)) == saved
-    sender_tab.close()
-    recipient_tab.close()
 
 
 def test_admin_ui_instrumentation_needs_its_credentials(start_server):
@@ -307,7 +303,7 @@ def test_role_is_admin_or_user(connect, role, seen):
     assert connect(token=make_token(new_user_id(), role=role)).call("whoami")["role"] == seen
 
 
-def test_require_auth_refuses_anonymous_connections_with_unauthorized(start_server):
+def test_require_auth_refuses_anonymous_connections_with_unauthorized(start_server, connect):
     server = start_server(env={"REQUIRE_AUTH": "1"})
     for token, reason in [(None, "no token"), ("Bearer junk", "invalid token")]:
         client, refusals = socketio.Client(reconnection=False), []
@@ -317,15 +313,14 @@ def test_require_auth_refuses_anonymous_connections_with_unauthorized(start_serv
                            transports=["websocket"], wait_timeout=5)
         assert refusals == [{"message": "Unauthorized", "data": {"reason": reason}}]
     user = new_user_id()
-    tab = Tab(server.url, make_token(user))
+    tab = connect(user, on=server)
     assert tab.call("whoami")["userId"] == user
-    tab.close()
 
 
-def test_require_auth_flag_works_like_the_variable(start_server):
+def test_require_auth_flag_works_like_the_variable(start_server, connect):
     server = start_server(args=("--require-auth",))
     with pytest.raises(socketio.exceptions.ConnectionError):
-        Tab(server.url)
+        connect(on=server)
 
 
 def test_a_user_joins_their_own_room(connect):
@@ -389,10 +384,10 @@ def test_a_payload_of_the_wrong_shape_answers_invalid_payload_with_detail(connec
     assert ack == {"error": "Invalid payload", "detail": "payload must be an object"}
 
 
-def test_an_unexpected_exception_answers_internal_error_and_keeps_the_connection(start_server):
+def test_an_unexpected_exception_answers_internal_error_and_keeps_the_connection(start_server, connect):
     server = start_server()
     user = new_user_id()
-    tab = Tab(server.url, make_token(user))
+    tab = connect(user, on=server)
     db = sqlite3.connect(server.db)
     db.execute("ALTER TABLE notifications RENAME TO notifications_away")
     db.commit()
@@ -402,7 +397,6 @@ def test_an_unexpected_exception_answers_internal_error_and_keeps_the_connection
     db.execute("ALTER TABLE notifications_away RENAME TO notifications")
     db.commit()
     assert tab.call("notification:send", {"toUserId": "x"})["ok"] is True
-    tab.close()
 
 
 def test_undecodable_arguments_answer_invalid_payload(server):
@@ -425,7 +419,6 @@ def test_undecodable_arguments_answer_invalid_payload(server):
     while not answer.startswith("439"):
         answer = ws.recv()
     assert json.loads(answer[3:]) == [{"error": "Unauthorized", "reason": "no token"}]
-    ws.close()
 
 
 def test_clients_cannot_send_the_reserved_connect_and_disconnect_events(server, connect):
@@ -446,7 +439,6 @@ def test_clients_cannot_send_the_reserved_connect_and_disconnect_events(server, 
     settle()
     assert [d["status"] for d in watcher.received("presence:update") if d["userId"] == user] == \
         ["online"]
-    ws.close()
 
 
 def test_more_than_one_argument_answers_invalid_payload(connect):
@@ -649,15 +641,13 @@ def test_notification_send_needs_a_user(connect):
         "error": "Unauthorized", "reason": "no token"}
 
 
-def test_without_the_queue_delivery_is_inline_and_queued_is_false(start_server):
+def test_without_the_queue_delivery_is_inline_and_queued_is_false(start_server, connect):
     server = start_server(env={"NOTIFY_QUEUE": "0"})
     recipient = new_user_id()
-    tab, sender = Tab(server.url, make_token(recipient)), Tab(server.url, make_token("s"))
+    tab, sender = connect(recipient, on=server), connect("s", on=server)
     ack = sender.call("notification:send", {"toUserId": recipient, "title": "inline"})
     assert ack["queued"] is False and ack["saved"] is True
     assert tab.wait_for("notification:received")["id"] == ack["id"]
-    tab.close()
-    sender.close()
 
 
 # =============================================================================
@@ -741,9 +731,9 @@ def test_order_validation_names_the_failing_item_index(connect):
         "error": "items.1.price: Path 'price' is required"}
 
 
-def test_totals_are_compared_in_cents(start_server):
+def test_totals_are_compared_in_cents(start_server, connect):
     server = start_server()
-    tab = Tab(server.url, make_token(new_user_id()))
+    tab = connect(new_user_id(), on=server)
     # 0.29 * 100 is 28.999999999999996 and 3 * 0.29 is 0.8699999999999999 in floating
     # point; in cents they are 29 and 87.
     db = sqlite3.connect(server.db)
@@ -753,7 +743,6 @@ def test_totals_are_compared_in_cents(start_server):
                                                "price": 0.29}], "total": 0.87})
     assert ack["ok"] is True and ack["order"]["total"] == 0.87
     assert ack["order"]["items"][0]["price"] == 0.29
-    tab.close()
 
 
 def test_order_create_needs_a_user(connect):
@@ -874,10 +863,10 @@ def test_order_updated_reaches_owner_and_admins_once_per_socket(connect):
     assert ack["order"]["updatedAt"] >= ack["order"]["createdAt"]
 
 
-def test_paying_takes_stock_and_tells_every_client(start_server):
+def test_paying_takes_stock_and_tells_every_client(start_server, connect):
     server = start_server()
-    owner = Tab(server.url, make_token(new_user_id()))
-    anonymous = Tab(server.url)
+    owner = connect(new_user_id(), on=server)
+    anonymous = connect(on=server)
     order = create(owner, EXAMPLE_ORDER)
     owner.call("order:updateStatus", {"orderId": order["_id"], "status": "paid"})
     assert server.stock(TSHIRT) == 48 and server.stock(MUG) == 19
@@ -885,13 +874,11 @@ def test_paying_takes_stock_and_tells_every_client(start_server):
     assert {u["productId"]: (u["stock"], u["delta"]) for u in updates} == {
         TSHIRT: (48, -2), MUG: (19, -1)}
     assert all(u["event"] == "product:stockUpdated" and u["at"] for u in updates)
-    owner.close()
-    anonymous.close()
 
 
-def test_cancelling_a_paid_order_puts_the_stock_back(start_server):
+def test_cancelling_a_paid_order_puts_the_stock_back(start_server, connect):
     server = start_server()
-    owner = Tab(server.url, make_token(new_user_id()))
+    owner = connect(new_user_id(), on=server)
     order = create(owner, one_item_order(MUG, 3, 150))
     owner.call("order:updateStatus", {"orderId": order["_id"], "status": "paid"})
     assert server.stock(MUG) == 17
@@ -899,22 +886,20 @@ def test_cancelling_a_paid_order_puts_the_stock_back(start_server):
     assert server.stock(MUG) == 20
     back = owner.wait_for("product:stockUpdated", lambda u: u["delta"] > 0)
     assert (back["productId"], back["stock"], back["delta"]) == (MUG, 20, 3)
-    owner.close()
 
 
-def test_cancelling_a_pending_order_moves_no_stock(start_server):
+def test_cancelling_a_pending_order_moves_no_stock(start_server, connect):
     server = start_server()
-    owner = Tab(server.url, make_token(new_user_id()))
+    owner = connect(new_user_id(), on=server)
     order = create(owner, one_item_order(MUG, 3, 150))
     owner.call("order:updateStatus", {"orderId": order["_id"], "status": "cancelled"})
     settle()
     assert server.stock(MUG) == 20 and owner.received("product:stockUpdated") == []
-    owner.close()
 
 
-def test_paying_without_enough_stock_leaves_order_and_stock_unchanged(start_server):
+def test_paying_without_enough_stock_leaves_order_and_stock_unchanged(start_server, connect):
     server = start_server()
-    first, second = (Tab(server.url, make_token(new_user_id())) for _ in range(2))
+    first, second = (connect(new_user_id(), on=server) for _ in range(2))
     mugs = create(first, one_item_order(MUG, 15, 150))
     more = create(second, {"items": [{"product": TSHIRT, "quantity": 1, "price": 100},
                                      {"product": MUG, "quantity": 10, "price": 150}],
@@ -925,13 +910,11 @@ def test_paying_without_enough_stock_leaves_order_and_stock_unchanged(start_serv
     assert server.stock(TSHIRT) == 50 and server.stock(MUG) == 5
     assert second.call("order:updateStatus", {"orderId": more["_id"], "status": "pending"}
                        )["order"]["status"] == "pending"
-    first.close()
-    second.close()
 
 
-def test_ten_concurrent_payments_for_the_last_poster_sell_it_once(start_server):
+def test_ten_concurrent_payments_for_the_last_poster_sell_it_once(start_server, connect):
     server = start_server()
-    tabs = [Tab(server.url, make_token(new_user_id())) for _ in range(10)]
+    tabs = [connect(new_user_id(), on=server) for _ in range(10)]
     orders = [create(tab, one_item_order(POSTER, 1, 40)) for tab in tabs]
     barrier, acks = threading.Barrier(10), [None] * 10
 
@@ -949,8 +932,6 @@ def test_ten_concurrent_payments_for_the_last_poster_sell_it_once(start_server):
     assert [ack for ack in acks if not ack.get("ok")] == \
         [{"error": f"Insufficient stock for product {POSTER}"}] * 9
     assert server.stock(POSTER) == 0
-    for tab in tabs:
-        tab.close()
 
 
 def test_order_update_status_needs_a_user(connect):
@@ -1001,11 +982,11 @@ def test_typing_needs_a_user(connect):
 # 5. Storage
 # =============================================================================
 
-def test_a_restart_keeps_orders_and_delivers_saved_notifications(start_server, tmp_path):
+def test_a_restart_keeps_orders_and_delivers_saved_notifications(start_server, tmp_path, connect):
     db = tmp_path / "kept.db"
     server = start_server(db=db)
     owner, recipient = new_user_id(), new_user_id()
-    tab = Tab(server.url, make_token(owner))
+    tab = connect(owner, on=server)
     order = create(tab, one_item_order(MUG, 2, 150))
     tab.call("order:updateStatus", {"orderId": order["_id"], "status": "paid"})
     note = tab.call("notification:send", {"toUserId": recipient, "title": "while you were away"})
@@ -1014,20 +995,18 @@ def test_a_restart_keeps_orders_and_delivers_saved_notifications(start_server, t
 
     server = start_server(db=db)
     assert server.stock(MUG) == 18
-    tab = Tab(server.url, make_token(owner))
+    tab = connect(owner, on=server)
     kept = tab.call("order:updateStatus", {"orderId": order["_id"], "status": "paid"})
     assert kept["order"]["status"] == "paid" and kept["order"]["items"] == order["items"]
-    away = Tab(server.url, make_token(recipient))
+    away = connect(recipient, on=server)
     assert away.wait_for("notification:received")["id"] == note["id"]
-    tab.close()
-    away.close()
 
 
-def test_every_acked_order_survives_kill_9(start_server, tmp_path):
+def test_every_acked_order_survives_kill_9(start_server, tmp_path, connect):
     db = tmp_path / "crash.db"
     server = start_server(db=db)
     user = new_user_id()
-    tab = Tab(server.url, make_token(user))
+    tab = connect(user, on=server)
     acked, stop = [], threading.Event()
 
     def stream():
@@ -1049,11 +1028,10 @@ def test_every_acked_order_survives_kill_9(start_server, tmp_path):
     tab.close()
 
     server = start_server(db=db)
-    tab = Tab(server.url, make_token(user))
+    tab = connect(user, on=server)
     for order_id in acked:
         ack = tab.call("order:updateStatus", {"orderId": order_id, "status": "pending"})
         assert ack.get("ok") is True, (order_id, ack)
-    tab.close()
 
 
 def test_ids_are_24_hex_object_ids_in_creation_order(connect):
@@ -1067,49 +1045,43 @@ def test_ids_are_24_hex_object_ids_in_creation_order(connect):
 # 7. Limits
 # =============================================================================
 
-def test_rate_limits_answer_with_retry_after_ms(start_server):
+def test_rate_limits_answer_with_retry_after_ms(start_server, connect):
     server = start_server(env={"RATE_LIMITS": "message=3/10s"})
-    tab = Tab(server.url, make_token(new_user_id()))
+    tab = connect(new_user_id(), on=server)
     tab.call("joinRoom", "r")
     acks = [tab.call("message", {"room": "r", "text": "hi"}) for _ in range(4)]
     assert [a.get("ok") for a in acks[:3]] == [True] * 3
     assert acks[3]["error"] == "Rate limit exceeded" and 0 < acks[3]["retryAfterMs"] <= 3400
-    tab.close()
 
 
-def test_rate_limits_are_per_user_across_tabs(start_server):
+def test_rate_limits_are_per_user_across_tabs(start_server, connect):
     server = start_server(env={"RATE_LIMITS": "typing=2/10s"})
     user = new_user_id()
-    first, second = Tab(server.url, make_token(user)), Tab(server.url, make_token(user))
+    first, second = connect(user, on=server), connect(user, on=server)
     assert first.call("typing", {"toUserId": "x"})["ok"]
     assert second.call("typing", {"toUserId": "x"})["ok"]
     assert first.call("typing", {"toUserId": "x"})["error"] == "Rate limit exceeded"
-    other = Tab(server.url, make_token(new_user_id()))
+    other = connect(new_user_id(), on=server)
     assert other.call("typing", {"toUserId": "x"})["ok"]
-    for tab in (first, second, other):
-        tab.close()
 
 
-def test_rate_limits_are_per_socket_for_anonymous(start_server):
+def test_rate_limits_are_per_socket_for_anonymous(start_server, connect):
     server = start_server(env={"RATE_LIMITS": "*=2/10s"})
-    first, second = Tab(server.url), Tab(server.url)
+    first, second = connect(on=server), connect(on=server)
     assert [first.call("joinRoom", "r").get("ok") for _ in range(2)] == [True, True]
     assert first.call("joinRoom", "r")["error"] == "Rate limit exceeded"
     assert second.call("joinRoom", "r")["ok"] is True
-    first.close()
-    second.close()
 
 
-def test_default_rate_limits_apply_without_configuration(start_server):
+def test_default_rate_limits_apply_without_configuration(start_server, connect):
     server = start_server(env={"RATE_LIMITS": None})
-    tab = Tab(server.url, make_token(new_user_id()))
+    tab = connect(new_user_id(), on=server)
     acks = [tab.call("order:create", one_item_order()) for _ in range(6)]
     assert [bool(a.get("ok")) for a in acks] == [True] * 5 + [False]
     assert acks[5]["error"] == "Rate limit exceeded"
     tab.call("joinRoom", "r")
     messages = [tab.call("message", {"room": "r", "text": "x"}) for _ in range(21)]
     assert messages[19].get("ok") and messages[20]["error"] == "Rate limit exceeded"
-    tab.close()
 
 
 def test_rate_limits_off_lets_everything_through(connect):
@@ -1118,14 +1090,13 @@ def test_rate_limits_off_lets_everything_through(connect):
 
 
 @pytest.mark.parametrize("transport", ["websocket", "polling"])
-def test_a_packet_above_max_payload_bytes_closes_only_that_connection(start_server, transport):
+def test_a_packet_above_max_payload_bytes_closes_only_that_connection(start_server, transport, connect):
     server = start_server(env={"MAX_PAYLOAD_BYTES": "2000"})
-    sender, bystander = Tab(server.url, transports=(transport,)), Tab(server.url)
+    sender, bystander = connect(on=server, transports=(transport,)), connect(on=server)
     sender.client.emit("message", {"room": "r", "text": "x" * 5000})
     assert sender.disconnected.wait(5)
     assert bystander.call("joinRoom", "r")["ok"] is True
-    assert Tab(server.url).call("joinRoom", "r")["ok"] is True
-    bystander.close()
+    assert connect(on=server).call("joinRoom", "r")["ok"] is True
 
 
 BAD_INPUTS = [None, 0, -1, 1.5, True, "", "x" * 50_000, [], [1, "a", None], {"a": {"b": [{}]}},
