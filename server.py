@@ -88,7 +88,6 @@ PAYMENT_METHOD_MAX = 64
 SHIPPING_ADDRESS_MAX_BYTES = 4096
 SHOWN_VALUE_MAX = 100              # longest client value echoed in an error
 
-RESERVED_ROOMS = {"admin", "admins"}
 ADMIN_ROOMS = ("admin", "admins")
 NOTIFICATION_TYPES = ("info", "warning", "error")
 PRIORITIES = ("low", "normal", "high")
@@ -445,16 +444,15 @@ class Storage:
 
     def save_notification(self, sender: User, to_user_id: str, fields: dict) -> dict:
         """Write the notification and return it as the recipient will see it."""
-        note = {"event": "notification:received", "id": new_object_id(), **fields,
-                "from": sender.id, "ts": now_iso()}
         with self.transaction() as db:
-            db.execute(
+            row = db.execute(
                 "INSERT INTO notifications (id, to_user_id, from_user_id, type, priority,"
-                " title, body, meta, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (note["id"], to_user_id, sender.id, note["type"], note["priority"],
-                 note["title"], note["body"],
-                 None if note["meta"] is None else json.dumps(note["meta"]), note["ts"]))
-        return note
+                " title, body, meta, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING *",
+                (new_object_id(), to_user_id, sender.id, fields["type"], fields["priority"],
+                 fields["title"], fields["body"],
+                 None if fields["meta"] is None else json.dumps(fields["meta"]),
+                 now_iso())).fetchone()
+        return notification_received(row)
 
     def mark_delivered(self, notification_id: str) -> bool:
         """Claim one notification for delivery; False if it was claimed already."""
@@ -471,10 +469,14 @@ class Storage:
                 " ORDER BY created_at, rowid", (user_id,)).fetchall()
             db.executemany("UPDATE notifications SET delivered_at = ? WHERE id = ?",
                            [(now_iso(), row["id"]) for row in rows])
-        return [{"event": "notification:received", "id": r["id"], "type": r["type"],
-                 "title": r["title"], "body": r["body"], "meta": json.loads(r["meta"] or "null"),
-                 "priority": r["priority"], "from": r["from_user_id"], "ts": r["created_at"]}
-                for r in rows]
+        return [notification_received(row) for row in rows]
+
+
+def notification_received(row: sqlite3.Row) -> dict:
+    """The `notification:received` payload of a stored notification."""
+    return {"event": "notification:received", "id": row["id"], "type": row["type"],
+            "title": row["title"], "body": row["body"], "meta": json.loads(row["meta"] or "null"),
+            "priority": row["priority"], "from": row["from_user_id"], "ts": row["created_at"]}
 
 
 def quantities(items: list) -> dict[str, int]:
@@ -535,11 +537,14 @@ def issue_token(secret: str, user_id: str, role: str = "user", email: str | None
 def authenticate(token: Any) -> tuple[User | None, str]:
     """(user, "") for a good token, else (None, why): no token, token expired
     or invalid token. HS256 is pinned, so `alg: none` and RS/HS confusion fail."""
-    if not isinstance(token, str) or not BEARER.sub("", token).strip():
+    token = BEARER.sub("", token).strip() if isinstance(token, str) else token
+    if token is None or token == "":
         return None, "no token"
+    if not isinstance(token, str):
+        return None, "invalid token"
     try:
         claims = jwt.decode(
-            BEARER.sub("", token).strip(), jwt_secret, algorithms=["HS256"], leeway=30,
+            token, jwt_secret, algorithms=["HS256"], leeway=30,
             # The id claim is checked below: PyJWT would refuse a numeric `sub`,
             # and tokens of an existing backend may carry an audience we don't know.
             options={"verify_sub": False, "verify_jti": False, "verify_aud": False})
@@ -639,7 +644,7 @@ def room_name(data: Any) -> str:
 def is_reserved_room(room: str) -> bool:
     """Rooms the server puts sockets in; joining one would let a client read
     what is meant for someone else."""
-    return room in RESERVED_ROOMS or room.startswith("user:") or room in peers
+    return room in ADMIN_ROOMS or room.startswith("user:") or room in peers
 
 
 def object_id(value: Any, path: str) -> str:
@@ -748,6 +753,7 @@ limiter = RateLimiter()
 # =============================================================================
 
 MALFORMED = "(malformed)"
+EVENT_PACKETS = (socketio.packet.EVENT, socketio.packet.BINARY_EVENT)
 
 
 class LenientPacket(socketio.packet.Packet):
@@ -762,11 +768,11 @@ class LenientPacket(socketio.packet.Packet):
         try:
             attachments = super().decode(encoded_packet)
         except (ValueError, RecursionError):
-            if self.packet_type != socketio.packet.EVENT:
+            if self.packet_type not in EVENT_PACKETS:
                 raise
             self.data = [MALFORMED, "the event's arguments are not valid JSON"]
             return 0
-        if self.packet_type != socketio.packet.EVENT:
+        if self.packet_type not in EVENT_PACKETS:
             return attachments
         if not (isinstance(self.data, list) and self.data and isinstance(self.data[0], str)):
             self.data = [MALFORMED, "an event is a JSON array that starts with its name"]
@@ -859,40 +865,44 @@ def ok(**fields: Any) -> Ack:
 
 
 def event(name: str, user_required: bool = False) -> Callable:
-    """Register a handler with the rules every event shares: one payload
-    argument, the rate limit, the user requirement, errors as acks, and an
-    `Internal error` ack (with the traceback logged) for anything unexpected."""
-    def register(handler: Callable[[Context, Any], Ack | None]) -> Callable:
-        @functools.wraps(handler)
-        def on_event(sid: str, *args: Any) -> Ack | None:
-            peer = peers.get(sid)
-            if peer is None:          # the socket left while this was in flight
-                return None
-            started, context = time.perf_counter(), Context(peer)
-            try:
-                limiter.check(peer.rate_key, name)
-                if len(args) > 1:
-                    raise invalid("send one payload argument")
-                if user_required and peer.user is None:
-                    raise Refusal("Unauthorized", reason=peer.why_anonymous)
-                ack = handler(context, args[0] if args else None)
-            except Refusal as refusal:
-                ack = refusal.ack
-                level = logging.DEBUG if ack["error"] == "Rate limit exceeded" else logging.INFO
-                log.log(level, "%s sid=%s user=%s -> %s", name, sid, user_of(peer), ack)
-            except Exception:
-                log.exception("%s sid=%s user=%s failed", name, sid, user_of(peer))
-                ack = {"error": "Internal error"}
-            else:
-                log.debug("%s sid=%s user=%s -> ok", name, sid, user_of(peer))
-                if context.after_ack:
-                    sio.start_background_task(run_all, context.after_ack)
-            metrics.observe(name, time.perf_counter() - started, "error" in (ack or {}))
-            return ack
-        sio.on(name, on_event)
+    """Register a handler for a client event; `handle` applies the shared rules."""
+    def register(handler: Callable[[Context, Any], Ack]) -> Callable:
+        sio.on(name, lambda sid, *args: handle(name, handler, sid, args, user_required))
         HANDLED_EVENTS.append(name)
-        return on_event
+        return handler
     return register
+
+
+def handle(name: str, handler: Callable[[Context, Any], Ack], sid: str, args: tuple,
+           user_required: bool = False) -> Ack | None:
+    """The rules every event shares: the rate limit, one payload argument, the
+    user requirement, refusals as error acks, an `Internal error` ack (with the
+    traceback logged) for anything unexpected, and the handler's emits sent
+    after its ack."""
+    peer = peers.get(sid)
+    if peer is None:          # the socket left while this was in flight
+        return None
+    started, context = time.perf_counter(), Context(peer)
+    try:
+        limiter.check(peer.rate_key, name)
+        if len(args) > 1:
+            raise invalid("send one payload argument")
+        if user_required and peer.user is None:
+            raise Refusal("Unauthorized", reason=peer.why_anonymous)
+        ack = handler(context, args[0] if args else None)
+    except Refusal as refusal:
+        ack = refusal.ack
+        level = logging.DEBUG if ack["error"] == "Rate limit exceeded" else logging.INFO
+        log.log(level, "%s sid=%s user=%s -> %s", name, sid, user_of(peer), ack)
+    except Exception:
+        log.exception("%s sid=%s user=%s failed", name, sid, user_of(peer))
+        ack = {"error": "Internal error"}
+    else:
+        log.debug("%s sid=%s user=%s -> ok", name, sid, user_of(peer))
+        if context.after_ack:
+            sio.start_background_task(run_all, context.after_ack)
+    metrics.observe(name, time.perf_counter() - started, "error" in ack)
+    return ack
 
 
 def run_all(tasks: list[Callable[[], Any]]) -> None:
@@ -1084,17 +1094,11 @@ def malformed(ctx: Context, why: Any) -> Ack:
 @sio.on("*")
 def unknown_event(name: str, sid: str, *args: Any) -> Ack | None:
     """Without this catch-all python-socketio drops unknown events silently,
-    and a client waiting for the ack would only ever see a timeout."""
-    peer = peers.get(sid)
-    if peer is None:
-        return None
-    try:
-        limiter.check(peer.rate_key, "*")
-    except Refusal as refusal:
-        return refusal.ack
-    metrics.observe("unknown", 0.0, True)
-    log.info("unknown event %r sid=%s user=%s", shown(name), sid, user_of(peer))
-    return {"error": f"Unknown event: {name}"}
+    and a client waiting for the ack would only ever see a timeout. They share
+    the `*` rate limit and metrics label."""
+    def refuse(ctx: Context, data: Any) -> Ack:
+        raise Refusal(f"Unknown event: {name}")
+    return handle("*", refuse, sid, args[:1])
 
 
 # =============================================================================

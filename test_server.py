@@ -67,6 +67,12 @@ def test_first_start_creates_the_database_and_seeds_the_demo_catalogue(start_ser
     ]
 
 
+def test_host_flag_sets_the_bind_address(start_server):
+    server = start_server(args=("--host", "127.0.0.2"))
+    assert server.url.startswith("http://127.0.0.2:")
+    assert server.get_json("/health") == {"ok": True}
+
+
 def test_health_route(server):
     status, body, headers = server.get("/health")
     assert (status, json.loads(body)) == (200, {"ok": True})
@@ -240,6 +246,11 @@ def test_authorization_header_is_accepted_from_non_browser_clients(connect):
     user = new_user_id()
     tab = connect(headers={"Authorization": make_token(user)})
     assert tab.call("whoami")["userId"] == user
+
+
+def test_a_token_that_is_not_a_string_is_an_invalid_token(connect):
+    assert connect(auth={"token": 12345}).call("whoami") == {"error": "Unauthorized",
+                                                             "reason": "invalid token"}
 
 
 def test_token_in_the_query_string_is_ignored(connect):
@@ -429,8 +440,12 @@ def test_clients_cannot_send_the_reserved_connect_and_disconnect_events(server, 
     ws.recv()
     ws.send("40" + json.dumps({"token": make_token(user)}))
     watcher.wait_for("presence:update", lambda d: d["userId"] == user)
-    for ack_id, name in enumerate(["disconnect", "connect"], start=1):
-        ws.send(f'42{ack_id}["{name}", {{}}]')
+    for ack_id, name in enumerate(["disconnect", "connect", "disconnect"], start=1):
+        if ack_id < 3:
+            ws.send(f'42{ack_id}["{name}", {{}}]')
+        else:  # as a binary event: one attachment, sent as its own frame
+            ws.send(f'451-{ack_id}["{name}", {{"_placeholder": true, "num": 0}}]')
+            ws.send_binary(b"\x00")
         answer = ws.recv()
         while not answer.startswith(f"43{ack_id}"):
             answer = ws.recv()
@@ -932,6 +947,27 @@ def test_ten_concurrent_payments_for_the_last_poster_sell_it_once(start_server, 
     assert [ack for ack in acks if not ack.get("ok")] == \
         [{"error": f"Insufficient stock for product {POSTER}"}] * 9
     assert server.stock(POSTER) == 0
+
+
+def test_paying_one_order_many_times_at_once_moves_its_stock_once(start_server, connect):
+    server = start_server()
+    tabs = [connect("buyer", on=server) for _ in range(5)]
+    order = create(tabs[0], one_item_order(MUG, 2, 150))
+    barrier, acks = threading.Barrier(5), []
+
+    def pay(tab):
+        barrier.wait()
+        acks.append(tab.call("order:updateStatus", {"orderId": order["_id"], "status": "paid"}))
+
+    threads = [threading.Thread(target=pay, args=(tab,)) for tab in tabs]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert [ack["order"]["status"] for ack in acks] == ["paid"] * 5
+    assert server.stock(MUG) == 18
+    settle()
+    assert len(tabs[0].received("product:stockUpdated")) == 1
 
 
 def test_order_update_status_needs_a_user(connect):
