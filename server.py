@@ -22,11 +22,13 @@ import eventlet
 eventlet.monkey_patch()
 
 import argparse
+import base64
 import functools
 import itertools
 import json
 import logging
 import math
+import mimetypes
 import os
 import re
 import secrets
@@ -62,6 +64,11 @@ warnings.filterwarnings("ignore", category=jwt.InsecureKeyLengthWarning)
 HERE = Path(__file__).resolve().parent
 SCHEMA_FILE = HERE / "schema.sql"
 TESTER_FILE = HERE / "ws-tester.html"
+# Installed by `npm ci`; served so that the tester and the Admin UI work offline.
+CLIENT_SCRIPT = HERE / "node_modules" / "socket.io-client" / "dist" / "socket.io.min.js"
+ADMIN_UI_DIR = HERE / "node_modules" / "@socket.io" / "admin-ui" / "ui" / "dist"
+CLIENT_SCRIPT_URL = "/vendor/socket.io.min.js"
+ADMIN_UI_URL = "/admin-ui/"
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
@@ -1154,18 +1161,21 @@ notifier = Notifier()
 # HTTP routes
 # =============================================================================
 
-PLACEHOLDER_PAGE = """<!doctype html><meta charset="utf-8"><title>Shop Realtime</title>
-<h1>Shop Realtime</h1><p>The Socket.IO endpoint is <code>/socket.io</code>.
-See <a href="/api/products">/api/products</a>, <a href="/health">/health</a>
-and <a href="/metrics">/metrics</a>.</p>"""
-
-
 def respond(start_response: Callable, status: str, body: str | bytes,
-            content_type: str = "application/json") -> list[bytes]:
+            content_type: str = "application/json", *headers: tuple[str, str]) -> list[bytes]:
     data = body.encode() if isinstance(body, str) else body
     start_response(status, [("Content-Type", content_type), ("Content-Length", str(len(data))),
-                            ("Cache-Control", "no-store")])
+                            ("Cache-Control", "no-store"), *headers])
     return [data]
+
+
+def not_found(start_response: Callable) -> list[bytes]:
+    return json_response(start_response, {"error": "Not found"}, "404 Not Found")
+
+
+def static_file(start_response: Callable, path: Path) -> list[bytes]:
+    content_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+    return respond(start_response, "200 OK", path.read_bytes(), content_type)
 
 
 def json_response(start_response: Callable, value: Any, status: str = "200 OK") -> list[bytes]:
@@ -1173,8 +1183,7 @@ def json_response(start_response: Callable, value: Any, status: str = "200 OK") 
 
 
 def tester_page(environ: dict, start_response: Callable) -> list[bytes]:
-    page = TESTER_FILE.read_bytes() if TESTER_FILE.exists() else PLACEHOLDER_PAGE
-    return respond(start_response, "200 OK", page, "text/html; charset=utf-8")
+    return respond(start_response, "200 OK", TESTER_FILE.read_bytes(), "text/html; charset=utf-8")
 
 
 def health(environ: dict, start_response: Callable) -> list[bytes]:
@@ -1189,10 +1198,50 @@ def prometheus(environ: dict, start_response: Callable) -> list[bytes]:
     return respond(start_response, "200 OK", metrics.render(), "text/plain; version=0.0.4")
 
 
+def server_info(environ: dict, start_response: Callable) -> list[bytes]:
+    """What the tester page may offer: dev tokens, the local client script, the Admin UI."""
+    return json_response(start_response, {
+        "devTokens": not config.jwt_secret,
+        "clientScript": CLIENT_SCRIPT_URL if CLIENT_SCRIPT.exists() else None,
+        "adminUi": ADMIN_UI_URL if config.admin_ui and ADMIN_UI_DIR.exists() else None,
+    })
+
+
+def client_script(environ: dict, start_response: Callable) -> list[bytes]:
+    if not CLIENT_SCRIPT.exists():
+        return not_found(start_response)
+    return static_file(start_response, CLIENT_SCRIPT)
+
+
+def admin_ui(environ: dict, start_response: Callable) -> list[bytes]:
+    """The Socket.IO Admin UI front-end, behind the ADMIN_UI credentials (HTTP
+    Basic); the UI then logs in to the /admin namespace with the same ones."""
+    if not config.admin_ui or not ADMIN_UI_DIR.exists():
+        return not_found(start_response)
+    if not admin_credentials_match(environ.get("HTTP_AUTHORIZATION", "")):
+        return respond(start_response, "401 Unauthorized", '{"error": "Unauthorized"}',
+                       "application/json", ("WWW-Authenticate", 'Basic realm="Admin UI"'))
+    name = environ["PATH_INFO"].removeprefix(ADMIN_UI_URL) or "index.html"
+    path = (ADMIN_UI_DIR / name).resolve()
+    if not path.is_relative_to(ADMIN_UI_DIR.resolve()) or not path.is_file():
+        return not_found(start_response)
+    return static_file(start_response, path)
+
+
+def admin_credentials_match(header: str) -> bool:
+    scheme, _, encoded = header.partition(" ")
+    try:
+        given = base64.b64decode(encoded, validate=True).decode()
+    except ValueError:
+        return False
+    expected = ":".join(config.admin_ui or ("", ""))
+    return scheme.lower() == "basic" and secrets.compare_digest(given.encode(), expected.encode())
+
+
 def dev_token(environ: dict, start_response: Callable) -> list[bytes]:
     """Tokens for anyone who asks: only while the server runs on its dev secret."""
     if config.jwt_secret:
-        return json_response(start_response, {"error": "Not found"}, "404 Not Found")
+        return not_found(start_response)
     query = parse_qs(environ.get("QUERY_STRING", ""))
     user_id = (query.get("user") or [""])[0].strip()
     role = (query.get("role") or ["user"])[0]
@@ -1204,7 +1253,8 @@ def dev_token(environ: dict, start_response: Callable) -> list[bytes]:
 
 
 ROUTES = {"/": tester_page, "/health": health, "/api/products": products,
-          "/metrics": prometheus, "/dev/token": dev_token}
+          "/api/info": server_info, "/metrics": prometheus, "/dev/token": dev_token,
+          CLIENT_SCRIPT_URL: client_script}
 
 
 def http_app(environ: dict, start_response: Callable) -> list[bytes]:
@@ -1217,9 +1267,10 @@ def http_app(environ: dict, start_response: Callable) -> list[bytes]:
             headers += [("Access-Control-Allow-Origin", origin), ("Vary", "Origin")]
         return start_response(status, headers)
 
-    route = ROUTES.get(environ.get("PATH_INFO", "/"))
+    path = environ.get("PATH_INFO", "/")
+    route = admin_ui if path.startswith(ADMIN_UI_URL) else ROUTES.get(path)
     if route is None:
-        return json_response(start_with_cors, {"error": "Not found"}, "404 Not Found")
+        return not_found(start_with_cors)
     if environ["REQUEST_METHOD"] not in ("GET", "HEAD"):
         return json_response(start_with_cors, {"error": "Method not allowed"},
                              "405 Method Not Allowed")
