@@ -4,7 +4,9 @@ import itertools
 import json
 import os
 import re
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -215,3 +217,55 @@ def connect(server):
     yield open_tab
     for tab in tabs:
         tab.close()
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class RedisProcess:
+    """A throwaway redis-server on loopback, with nothing saved to disk."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir, self.port = workdir, free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "RedisProcess":
+        server = shutil.which("redis-server")
+        assert server, "redis-server is needed (apt-get install redis-server)"
+        self.proc = subprocess.Popen(
+            [server, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", str(self.workdir)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return self
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("redis-server did not start")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+
+@pytest.fixture
+def redis_server(tmp_path):
+    process = RedisProcess(tmp_path).start()
+    yield process
+    process.stop()
+
+
+@pytest.fixture
+def start_cluster(start_server, redis_server, tmp_path):
+    """start_cluster(3) -> three server.py processes sharing one Redis and one database."""
+    def start(count, env=None):
+        return [start_server(env={"REDIS_URL": redis_server.url, **(env or {})},
+                             db=tmp_path / "cluster.db") for _ in range(count)]
+    return start

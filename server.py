@@ -302,10 +302,11 @@ class Storage:
         self.db.row_factory = sqlite3.Row
         # WAL with synchronous=NORMAL: a commit survives a killed process
         # (not a power cut) and readers never wait for the writer.
+        # Other processes may share the file (REDIS_URL): wait for their locks.
+        self.db.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
         self.db.execute("PRAGMA journal_mode = WAL")
         self.db.execute("PRAGMA synchronous = NORMAL")
         self.db.execute("PRAGMA foreign_keys = ON")
-        self.db.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
         self.db.executescript(SCHEMA_FILE.read_text(encoding="utf-8"))
 
     def close(self) -> None:
@@ -651,7 +652,7 @@ def room_name(data: Any) -> str:
 def is_reserved_room(room: str) -> bool:
     """Rooms the server puts sockets in; joining one would let a client read
     what is meant for someone else."""
-    return room in ADMIN_ROOMS or room.startswith("user:") or room in peers
+    return room in ADMIN_ROOMS or room.startswith("user:") or cluster.is_socket(room)
 
 
 def object_id(value: Any, path: str) -> str:
@@ -727,7 +728,8 @@ def parse_notification(data: Any) -> tuple[str, dict]:
 # =============================================================================
 
 class RateLimiter:
-    """Token buckets per user (per socket for anonymous) and event."""
+    """Token buckets per user (per socket for anonymous) and event; shared by
+    every process through Redis when there is one (see Cluster)."""
 
     def __init__(self) -> None:
         self.limits: dict[str, tuple[int, float]] | None = dict(DEFAULT_RATE_LIMITS)
@@ -739,6 +741,11 @@ class RateLimiter:
             return
         name = event if event in self.limits else "*"
         capacity, window = self.limits[name]
+        wait_ms = cluster.take_token(f"{who}:{name}", capacity, window)
+        if wait_ms is not None:                                   # shared through Redis
+            if wait_ms > 0:
+                raise Refusal("Rate limit exceeded", retryAfterMs=wait_ms)
+            return
         rate = capacity / window                                  # tokens per second
         now = time.monotonic()
         tokens, last = self.buckets[who].get(name, (capacity, now))
@@ -753,6 +760,244 @@ class RateLimiter:
 
 
 limiter = RateLimiter()
+
+
+# =============================================================================
+# Presence, socket ids and shared limits (one process, or many through Redis)
+# =============================================================================
+
+PRESENCE_HEARTBEAT_S = 1.0       # each process says it is alive this often...
+PRESENCE_TTL_MS = 4000           # ...and counts as dead this long after its last word
+REDIS_TIMEOUT_S = 1.0
+REDIS_PREFIX = "shop:"
+
+# Every script runs atomically in Redis, so two processes never interleave.
+# KEYS: online (user -> connections, all processes), sids (all socket ids),
+#       this process's users hash, this process's sids set.
+JOIN_SCRIPT = """
+redis.call('SADD', KEYS[2], ARGV[1]); redis.call('SADD', KEYS[4], ARGV[1])
+if ARGV[2] == '' then return -1 end
+redis.call('HINCRBY', KEYS[3], ARGV[2], 1)
+return redis.call('HINCRBY', KEYS[1], ARGV[2], 1)
+"""
+LEAVE_SCRIPT = """
+redis.call('SREM', KEYS[2], ARGV[1]); redis.call('SREM', KEYS[4], ARGV[1])
+if ARGV[2] == '' then return -1 end
+if redis.call('HINCRBY', KEYS[3], ARGV[2], -1) <= 0 then redis.call('HDEL', KEYS[3], ARGV[2]) end
+local total = redis.call('HINCRBY', KEYS[1], ARGV[2], -1)
+if total <= 0 then redis.call('HDEL', KEYS[1], ARGV[2]) end
+return total
+"""
+# Replace this process's share with what it really has (after Redis was away or
+# restarted) and say which users that brought online or took offline.
+SYNC_SCRIPT = """
+local state = cjson.decode(ARGV[1])
+local came, went, before = {}, {}, {}
+local old = redis.call('HGETALL', KEYS[3])
+for i = 1, #old, 2 do before[old[i]] = tonumber(old[i + 1]) end
+for user, n in pairs(state.users) do
+  local delta = n - (before[user] or 0)
+  before[user] = nil
+  if delta ~= 0 then
+    local total = redis.call('HINCRBY', KEYS[1], user, delta)
+    if total - delta <= 0 and total > 0 then table.insert(came, user) end
+  end
+end
+for user, n in pairs(before) do
+  if redis.call('HINCRBY', KEYS[1], user, -n) <= 0 then
+    redis.call('HDEL', KEYS[1], user); table.insert(went, user)
+  end
+end
+redis.call('DEL', KEYS[3])
+for user, n in pairs(state.users) do redis.call('HSET', KEYS[3], user, n) end
+for _, sid in ipairs(redis.call('SMEMBERS', KEYS[4])) do redis.call('SREM', KEYS[2], sid) end
+redis.call('DEL', KEYS[4])
+for _, sid in ipairs(state.sids) do redis.call('SADD', KEYS[2], sid); redis.call('SADD', KEYS[4], sid) end
+return {came, went}
+"""
+# KEYS: online, sids, processes; ARGV: key prefix, this process, alive ttl (ms).
+# Renews this process and retires every process that stopped renewing (killed):
+# its connections are taken off, and the users left with none are returned.
+HEARTBEAT_SCRIPT = """
+local fresh = redis.call('SET', ARGV[1] .. ARGV[2] .. ':alive', '1', 'PX', ARGV[3], 'XX') == false
+if fresh then redis.call('SET', ARGV[1] .. ARGV[2] .. ':alive', '1', 'PX', ARGV[3]) end
+redis.call('SADD', KEYS[3], ARGV[2])
+local offline = {}
+for _, process in ipairs(redis.call('SMEMBERS', KEYS[3])) do
+  if process ~= ARGV[2] and redis.call('EXISTS', ARGV[1] .. process .. ':alive') == 0 then
+    local users = redis.call('HGETALL', ARGV[1] .. process .. ':users')
+    for i = 1, #users, 2 do
+      if redis.call('HINCRBY', KEYS[1], users[i], -tonumber(users[i + 1])) <= 0 then
+        redis.call('HDEL', KEYS[1], users[i]); table.insert(offline, users[i])
+      end
+    end
+    for _, sid in ipairs(redis.call('SMEMBERS', ARGV[1] .. process .. ':sids')) do
+      redis.call('SREM', KEYS[2], sid)
+    end
+    redis.call('DEL', ARGV[1] .. process .. ':users', ARGV[1] .. process .. ':sids')
+    redis.call('SREM', KEYS[3], process)
+  end
+end
+return {fresh and 1 or 0, offline}
+"""
+# KEYS: the bucket; ARGV: capacity, tokens per ms, now (ms), ttl (ms).
+# Returns 0 when a token was taken, else the milliseconds until the next one.
+TAKE_TOKEN_SCRIPT = """
+local capacity, rate, now = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local bucket = redis.call('HMGET', KEYS[1], 'tokens', 'at')
+local tokens = math.min(capacity, (tonumber(bucket[1]) or capacity)
+                        + (now - (tonumber(bucket[2]) or now)) * rate)
+local wait = 0
+if tokens < 1 then wait = math.ceil((1 - tokens) / rate) else tokens = tokens - 1 end
+redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'at', ARGV[3])
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+return wait
+"""
+
+
+class Cluster:
+    """Who is online, which socket ids exist, and the rate-limit buckets.
+
+    In one process all of it lives in memory. With REDIS_URL it is shared
+    through Redis so that every rule holds across processes: presence goes
+    offline with a user's last tab anywhere, and a killed process's users go
+    offline within PRESENCE_TTL_MS + PRESENCE_HEARTBEAT_S. While Redis is
+    unreachable each process answers from what it knows itself, and it puts
+    its share back when Redis returns."""
+
+    def __init__(self) -> None:
+        self.local: Counter[str] = Counter()       # user id -> live connections here
+        self.redis: Any = None
+        self.available = False                     # Redis answered the last call
+        self.outage_logged = False
+        self.errors: tuple[type[Exception], ...] = ()
+        self.process = secrets.token_hex(8)
+        self.beating: Any = None
+
+    def key(self, name: str) -> str:
+        return REDIS_PREFIX + name
+
+    def connect(self, url: str) -> None:
+        try:
+            import redis  # needed, and imported, only with REDIS_URL
+        except ImportError:
+            raise ConfigError("REDIS_URL needs the redis package:"
+                              " pip install -r requirements-redis.txt") from None
+
+        self.redis = redis.Redis.from_url(url, socket_timeout=REDIS_TIMEOUT_S,
+                                          socket_connect_timeout=REDIS_TIMEOUT_S)
+        self.errors = (redis.exceptions.RedisError, OSError)
+        self.scripts = {name: self.redis.register_script(source) for name, source in (
+            ("join", JOIN_SCRIPT), ("leave", LEAVE_SCRIPT), ("sync", SYNC_SCRIPT),
+            ("heartbeat", HEARTBEAT_SCRIPT), ("take", TAKE_TOKEN_SCRIPT))}
+        self.beating = sio.start_background_task(self.heartbeat_forever)
+
+    def ask(self, command: Callable[[], Any], alone: Any) -> Any:
+        """Redis's answer, or `alone` (what this process knows by itself) when
+        there is no Redis or it is away; the heartbeat notices its return."""
+        if not self.available:
+            return alone
+        try:
+            return command()
+        except self.errors as error:
+            self.lost(error)
+            return alone
+
+    def run(self, script: str, keys: list[str], args: list[Any]) -> Any:
+        return self.ask(lambda: self.scripts[script](keys=keys, args=args), None)
+
+    def lost(self, error: Exception) -> None:
+        self.available = False
+        if not self.outage_logged:
+            log.error("Redis is unreachable (%s): serving this process's sockets alone,"
+                      " presence and rate limits per process until it returns", error)
+            self.outage_logged = True
+
+    def presence_keys(self) -> list[str]:
+        return [self.key("online"), self.key("sids"), self.key(f"{self.process}:users"),
+                self.key(f"{self.process}:sids")]
+
+    def join(self, sid: str, user_id: str | None) -> bool:
+        """Count a new connection; True when it is the user's first anywhere."""
+        if user_id is not None:
+            self.local[user_id] += 1
+        total = self.run("join", self.presence_keys(), [sid, user_id or ""])
+        if user_id is None:
+            return False
+        return total == 1 if total is not None else self.local[user_id] == 1
+
+    def leave(self, sid: str, user_id: str | None) -> bool:
+        """Count a closed connection; True when it was the user's last anywhere."""
+        if user_id is not None:
+            self.local[user_id] -= 1
+            if self.local[user_id] <= 0:
+                del self.local[user_id]
+        total = self.run("leave", self.presence_keys(), [sid, user_id or ""])
+        if user_id is None:
+            return False
+        return total == 0 if total is not None else user_id not in self.local
+
+    def is_online(self, user_id: str) -> bool:
+        return bool(self.ask(lambda: self.redis.hexists(self.key("online"), user_id),
+                             user_id in self.local))
+
+    def is_socket(self, name: str) -> bool:
+        """A socket id of any process: Socket.IO keeps a private room under it."""
+        return name in peers or bool(
+            self.ask(lambda: self.redis.sismember(self.key("sids"), name), False))
+
+    def users_online(self) -> int:
+        return int(self.ask(lambda: self.redis.hlen(self.key("online")), len(self.local)))
+
+    def take_token(self, bucket: str, capacity: int, window_s: float) -> int | None:
+        """The shared bucket's answer (0 or ms to wait), or None to use the local one."""
+        return self.run("take", [self.key(f"rate:{bucket}")],
+                           [capacity, capacity / (window_s * 1000), int(time.time() * 1000),
+                            int(window_s * 1000)])
+
+    def heartbeat_forever(self) -> None:
+        while True:
+            try:
+                self.heartbeat()
+            except self.errors as error:
+                self.lost(error)
+            except Exception:
+                log.exception("presence heartbeat failed")
+            eventlet.sleep(PRESENCE_HEARTBEAT_S)
+
+    def heartbeat(self) -> None:
+        """Say this process is alive, retire dead ones, and after an outage put
+        this process's connections back."""
+        fresh, offline = self.scripts["heartbeat"](
+            keys=[self.key("online"), self.key("sids"), self.key("processes")],
+            args=[REDIS_PREFIX, self.process, PRESENCE_TTL_MS])
+        if fresh or not self.available:
+            came, went = self.scripts["sync"](keys=self.presence_keys(), args=[json.dumps(
+                {"users": dict(self.local) or {}, "sids": list(peers)})])
+            if self.outage_logged:
+                log.info("Redis is reachable again: presence and rate limits are shared")
+            self.available, self.outage_logged = True, False
+            broadcast_presence([u.decode() for u in came], "online")
+            broadcast_presence([u.decode() for u in went], "offline")
+        broadcast_presence([u.decode() for u in offline], "offline")
+
+    def stop(self) -> None:
+        """Leave the cluster at once rather than waiting to be found dead."""
+        if self.beating is None:
+            return
+        self.beating = None
+        for sid, peer in list(peers.items()):
+            if self.leave(sid, peer.user.id if peer.user else None) and peer.user:
+                broadcast_presence([peer.user.id], "offline")
+        peers.clear()  # their disconnects, still to come, are already counted
+
+
+def broadcast_presence(user_ids: list[str], status: str) -> None:
+    for user_id in user_ids:
+        sio.emit("presence:update", {"userId": user_id, "status": status, "at": now_iso()})
+
+
+cluster = Cluster()
 
 
 # =============================================================================
@@ -808,7 +1053,6 @@ class Peer:
 
 
 peers: dict[str, Peer] = {}
-online: Counter[str] = Counter()   # user id -> live connections
 
 
 class Metrics:
@@ -829,7 +1073,7 @@ class Metrics:
 
     def render(self) -> str:
         lines = ["# TYPE shop_connections gauge", f"shop_connections {len(peers)}",
-                 "# TYPE shop_users_online gauge", f"shop_users_online {len(online)}",
+                 "# TYPE shop_users_online gauge", f"shop_users_online {cluster.users_online()}",
                  "# TYPE shop_notifications_queued gauge",
                  f"shop_notifications_queued {notifier.queue.qsize()}",
                  "# TYPE shop_events_total counter"]
@@ -939,15 +1183,13 @@ def connect(sid: str, environ: dict, auth: Any) -> None:
         log.info("refused sid=%s reason=%s", sid, why)
         raise socketio.exceptions.ConnectionRefusedError("Unauthorized", {"reason": why})
     peer = peers[sid] = Peer(sid, user, why)
-    first_tab = False
     if user:
         store.upsert_user(user)
         sio.enter_room(sid, f"user:{user.id}")
         if user.is_admin:
             for room in ADMIN_ROOMS:
                 sio.enter_room(sid, room)
-        online[user.id] += 1
-        first_tab = online[user.id] == 1
+    first_tab = cluster.join(sid, user.id if user else None)
     transport = sio.transport(sid)
     log.info("connect sid=%s user=%s role=%s transport=%s", sid, user_of(peer),
              user.role if user else "anonymous", transport)
@@ -958,7 +1200,7 @@ def connect(sid: str, environ: dict, auth: Any) -> None:
 
 def welcome(peer: Peer, first_tab: bool) -> None:
     if first_tab:
-        sio.emit("presence:update", {"userId": peer.user.id, "status": "online", "at": now_iso()})
+        broadcast_presence([peer.user.id], "online")
     if peer.user:
         notifier.replay(peer.user.id)
 
@@ -969,14 +1211,11 @@ def disconnect(sid: str, reason: Any = None) -> None:
     if peer is None:
         return
     log.info("disconnect sid=%s user=%s reason=%s", sid, user_of(peer), reason)
-    if peer.user is None:
+    last_tab = cluster.leave(sid, peer.user.id if peer.user else None)
+    if peer.user is None or peer.user.id not in cluster.local:
         limiter.forget(peer.rate_key)
-        return
-    online[peer.user.id] -= 1
-    if online[peer.user.id] <= 0:
-        del online[peer.user.id]
-        limiter.forget(peer.rate_key)
-        sio.emit("presence:update", {"userId": peer.user.id, "status": "offline", "at": now_iso()})
+    if last_tab:
+        broadcast_presence([peer.user.id], "offline")
 
 
 # -- rooms and chat --------------------------------------------------------------
@@ -1136,11 +1375,8 @@ class Notifier:
 
     def deliver(self, to_user_id: str, note: dict) -> None:
         """Emit to a live recipient; an offline one gets it on its next connect."""
-        room = f"user:{to_user_id}"
-        if next(sio.manager.get_participants("/", room), None) is None:
-            return
-        if store.mark_delivered(note["id"]):
-            sio.emit("notification:received", note, to=room)
+        if cluster.is_online(to_user_id) and store.mark_delivered(note["id"]):
+            sio.emit("notification:received", note, to=f"user:{to_user_id}")
 
     def replay(self, user_id: str) -> None:
         for note in store.claim_undelivered(user_id):
@@ -1293,10 +1529,8 @@ def configure_socketio(cfg: Config) -> None:
     # so the packet count needs no bound of its own.
     Payload.max_decode_packets = cfg.max_payload_bytes
     if cfg.redis_url:
-        try:
-            sio.manager = socketio.RedisManager(cfg.redis_url)
-        except RuntimeError as error:
-            raise ConfigError(f"REDIS_URL: {error}") from None
+        cluster.connect(cfg.redis_url)
+        sio.manager = socketio.RedisManager(cfg.redis_url)
         sio.manager.set_server(sio)
     if cfg.admin_ui:
         sio.instrument(auth={"username": cfg.admin_ui[0], "password": cfg.admin_ui[1]})
@@ -1343,6 +1577,7 @@ def serve(cfg: Config) -> int:
     log.info("shutting down: no new connections, delivering queued notifications")
     listener.close()
     notifier.stop()
+    cluster.stop()
     eventlet.sleep(SHUTDOWN_FLUSH_S)
     store.close()
     log.info("stopped")

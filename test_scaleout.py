@@ -1,0 +1,209 @@
+"""Several server.py processes sharing one Redis and one SQLite file behave as one.
+
+Each test starts its own redis-server and two or three server processes; clients
+are spread over them and every rule is checked across processes.
+"""
+
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+from conftest import MUG, POSTER, SERVER, make_token, new_user_id, settle
+from test_server import EXAMPLE_ORDER, one_item_order
+
+# The documented bound for a killed process's users to go offline
+# (PRESENCE_TTL_MS + PRESENCE_HEARTBEAT_S in server.py), plus slack for the test.
+OFFLINE_BOUND_S = 4.0 + 1.0 + 2.0
+
+
+def statuses(tab, user):
+    return [d["status"] for d in tab.received("presence:update") if d["userId"] == user]
+
+
+def test_a_room_message_reaches_members_on_every_process(start_cluster, connect):
+    a, b, c = start_cluster(3)
+    tabs = [connect(new_user_id(), on=server) for server in (a, b, c)]
+    for tab in tabs:
+        tab.call("joinRoom", "lobby")
+    assert tabs[0].call("message", {"room": "lobby", "text": "across"})["ok"]
+    for tab in tabs:
+        assert tab.wait_for("message")["text"] == "across"
+    settle()
+    assert [len(tab.received("message")) for tab in tabs] == [1, 1, 1]
+
+
+def test_order_created_reaches_admins_on_other_processes_once_per_socket(start_cluster, connect):
+    a, b = start_cluster(2)
+    admin = new_user_id("admin")
+    owner = connect(new_user_id(), on=a)
+    admin_tabs = [connect(admin, "admin", on=a), connect(admin, "admin", on=b)]
+    order = owner.call("order:create", EXAMPLE_ORDER)["order"]
+    for tab in admin_tabs:
+        tab.wait_for("order:created")
+    settle()
+    assert [len(tab.received("order:created")) for tab in admin_tabs] == [1, 1]
+    assert admin_tabs[1].received("order:created")[0]["order"]["_id"] == order["_id"]
+
+
+def test_a_notification_reaches_a_recipient_on_another_process_once(start_cluster, connect):
+    a, b = start_cluster(2)
+    recipient = new_user_id()
+    tab = connect(recipient, on=b)
+    ack = connect(new_user_id(), on=a).call("notification:send", {"toUserId": recipient})
+    assert tab.wait_for("notification:received")["id"] == ack["id"]
+    settle()
+    assert len(tab.received("notification:received")) == 1
+
+
+def test_an_offline_recipient_gets_it_when_connecting_to_another_process(start_cluster, connect):
+    a, b = start_cluster(2)
+    recipient = new_user_id()
+    ack = connect(new_user_id(), on=a).call("notification:send", {"toUserId": recipient})
+    settle()
+    tab = connect(recipient, on=b)
+    assert tab.wait_for("notification:received")["id"] == ack["id"]
+
+
+def test_presence_holds_until_the_last_tab_on_any_process_closes(start_cluster, connect):
+    a, b, c = start_cluster(3)
+    watcher, user = connect(new_user_id(), on=c), new_user_id()
+    first = connect(user, on=a)
+    watcher.wait_for("presence:update", lambda d: d["userId"] == user)
+    second = connect(user, on=b)
+    first.close()
+    settle(0.5)
+    assert statuses(watcher, user) == ["online"]
+    second.close()
+    watcher.wait_for("presence:update", lambda d: d["userId"] == user and d["status"] == "offline")
+    assert statuses(watcher, user) == ["online", "offline"]
+
+
+def test_a_killed_process_users_go_offline_within_the_bound(start_cluster, connect):
+    a, b = start_cluster(2)
+    watcher = connect(new_user_id(), on=a)
+    only_on_b, on_both = new_user_id(), new_user_id()
+    connect(only_on_b, on=b)
+    connect(on_both, on=b)
+    connect(on_both, on=a)
+    watcher.wait_for("presence:update", lambda d: d["userId"] == only_on_b)
+    b.kill()
+    killed = time.monotonic()
+    watcher.wait_for("presence:update",
+                     lambda d: d["userId"] == only_on_b and d["status"] == "offline",
+                     timeout=OFFLINE_BOUND_S)
+    assert time.monotonic() - killed <= OFFLINE_BOUND_S
+    settle(1.5)
+    assert statuses(watcher, on_both) == ["online"]
+
+
+def test_concurrent_payments_for_the_last_unit_on_different_processes(start_cluster, connect):
+    servers = start_cluster(3)
+    tabs = [connect(new_user_id(), on=servers[n % 3]) for n in range(9)]
+    orders = [tab.call("order:create", one_item_order(POSTER, 1, 40))["order"] for tab in tabs]
+    barrier, acks = threading.Barrier(len(tabs)), []
+
+    def pay(tab, order):
+        barrier.wait()
+        acks.append(tab.call("order:updateStatus", {"orderId": order["_id"], "status": "paid"}))
+
+    threads = [threading.Thread(target=pay, args=pair) for pair in zip(tabs, orders, strict=True)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sum(1 for ack in acks if ack.get("ok")) == 1
+    assert all(ack == {"error": f"Insufficient stock for product {POSTER}"}
+               for ack in acks if not ack.get("ok"))
+    assert all(server.stock(POSTER) == 0 for server in servers)
+
+
+def test_rate_limits_are_per_user_across_processes(start_cluster, connect):
+    a, b = start_cluster(2, env={"RATE_LIMITS": "typing=3/10s"})
+    user = new_user_id()
+    on_a, on_b = connect(user, on=a), connect(user, on=b)
+    acks = [tab.call("typing", {"toUserId": "x"}) for tab in (on_a, on_b, on_a, on_b)]
+    assert [bool(ack.get("ok")) for ack in acks] == [True, True, True, False]
+    assert acks[3]["error"] == "Rate limit exceeded" and acks[3]["retryAfterMs"] > 0
+
+
+def test_a_socket_id_on_another_process_is_a_reserved_room(start_cluster, connect):
+    a, b = start_cluster(2)
+    victim = connect(new_user_id(), on=b)
+    settle()
+    assert connect(on=a).call("joinRoom", victim.sid) == {"error": "Access denied"}
+
+
+def test_stock_updates_and_order_updates_cross_processes(start_cluster, connect):
+    a, b = start_cluster(2)
+    owner, anonymous = connect(new_user_id(), on=a), connect(on=b)
+    order = owner.call("order:create", one_item_order(MUG, 2, 150))["order"]
+    owner.call("order:updateStatus", {"orderId": order["_id"], "status": "paid"})
+    update = anonymous.wait_for("product:stockUpdated")
+    assert (update["productId"], update["stock"], update["delta"]) == (MUG, 18, -2)
+
+
+def test_a_redis_restart_is_survived_and_sharing_resumes(start_cluster, connect, redis_server):
+    a, b = start_cluster(2)
+    user_a, user_b = new_user_id(), new_user_id()
+    tab_a, tab_b = connect(user_a, on=a), connect(user_b, on=b)
+    local = connect(new_user_id(), on=a)
+    for tab in (tab_a, tab_b, local):
+        tab.call("joinRoom", "lobby")
+
+    redis_server.stop()
+    assert tab_a.call("whoami")["userId"] == user_a
+    assert tab_a.call("message", {"room": "lobby", "text": "still here"})["ok"]
+    local.wait_for("message", lambda d: d["text"] == "still here")
+    assert a.proc.poll() is None and b.proc.poll() is None
+    deadline = time.monotonic() + 5
+    while "Redis is unreachable" not in a.stderr() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert "Redis is unreachable" in a.stderr()
+
+    redis_server.start()
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        tab_a.call("message", {"room": "lobby", "text": "are you back?"})
+        if any(d["text"] == "are you back?" for d in tab_b.received("message")):
+            break
+        time.sleep(0.5)
+    assert any(d["text"] == "are you back?" for d in tab_b.received("message"))
+    assert "Redis is reachable again" in a.stderr()
+    # Presence was put back: a notification from A finds user_b live on B.
+    time.sleep(1.5)
+    ack = tab_a.call("notification:send", {"toUserId": user_b, "title": "after"})
+    assert tab_b.wait_for("notification:received")["id"] == ack["id"]
+
+
+def test_redis_url_without_the_redis_package_exits_2(tmp_path):
+    shadow = tmp_path / "shadow"
+    shadow.mkdir()
+    (shadow / "redis.py").write_text("raise ImportError('no redis here')\n")
+    done = subprocess.run(
+        [sys.executable, str(SERVER), "--port", "0", "--db", str(tmp_path / "x.db")],
+        env={"PYTHONPATH": str(shadow), "REDIS_URL": "redis://127.0.0.1:1/0",
+             "JWT_SECRET": "x" * 32, "PATH": "/usr/bin:/bin"},
+        capture_output=True, text=True, timeout=30, check=False)
+    assert done.returncode == 2
+    assert "REDIS_URL needs the redis package" in done.stderr
+
+
+def test_without_redis_url_the_redis_package_is_not_needed(start_server, tmp_path, connect):
+    shadow = tmp_path / "shadow"
+    shadow.mkdir()
+    (shadow / "redis.py").write_text("raise ImportError('no redis here')\n")
+    server = start_server(env={"PYTHONPATH": str(shadow)})
+    user = new_user_id()
+    assert connect(user, on=server).call("whoami")["userId"] == user
+
+
+def test_a_stopping_process_takes_its_users_offline_at_once(start_cluster, connect):
+    a, b = start_cluster(2)
+    watcher, user = connect(new_user_id(), on=a), new_user_id()
+    connect(token=make_token(user), on=b)
+    watcher.wait_for("presence:update", lambda d: d["userId"] == user)
+    assert b.stop(signal.SIGTERM) == 0
+    watcher.wait_for("presence:update", lambda d: d["userId"] == user and d["status"] == "offline",
+                     timeout=2)
