@@ -204,13 +204,13 @@ def start_server(tmp_path):
 
 @pytest.fixture
 def connect(server):
-    """Open tabs on a server (the shared one unless `on=` says otherwise)."""
+    """Open tabs on a server: the shared one, another (`on=`), or any `url=`."""
     tabs = []
 
-    def open_tab(user_id=None, role="user", on=None, token=None, **kwargs):
+    def open_tab(user_id=None, role="user", on=None, token=None, url=None, **kwargs):
         if token is None and user_id is not None:
             token = make_token(user_id, role)
-        tab = Tab((on or server).url, token, **kwargs)
+        tab = Tab(url or (on or server).url, token, **kwargs)
         tabs.append(tab)
         return tab
 

@@ -4,13 +4,15 @@ Each test starts its own redis-server and two or three server processes; clients
 are spread over them and every rule is checked across processes.
 """
 
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
 
-from conftest import MUG, POSTER, SERVER, make_token, new_user_id, settle
+from conftest import MUG, POSTER, SERVER, free_port, make_token, new_user_id, settle
 from test_server import EXAMPLE_ORDER, one_item_order
 
 # The documented bound for a killed process's users to go offline
@@ -207,3 +209,50 @@ def test_a_stopping_process_takes_its_users_offline_at_once(start_cluster, conne
     assert b.stop(signal.SIGTERM) == 0
     watcher.wait_for("presence:update", lambda d: d["userId"] == user and d["status"] == "offline",
                      timeout=2)
+
+
+def test_the_readme_nginx_snippet_balances_polling_and_websocket_clients(start_cluster, connect,
+                                                                         tmp_path):
+    snippet = (SERVER.parent / "deploy" / "nginx.conf").read_text()
+    assert snippet in (SERVER.parent / "README.md").read_text()
+    servers = start_cluster(3)
+    port = free_port()
+    for default, server in zip(("8001", "8002", "8003"), servers, strict=True):
+        snippet = snippet.replace(f"127.0.0.1:{default}", server.url.removeprefix("http://"))
+    snippet = snippet.replace("listen 8000;", f"listen 127.0.0.1:{port};")
+    tmp_path.chmod(0o755)
+    (tmp_path / "shop.conf").write_text(snippet)
+    (tmp_path / "nginx.conf").write_text(f"""
+        daemon off; pid {tmp_path}/nginx.pid; error_log {tmp_path}/nginx-error.log;
+        events {{}}
+        http {{
+            access_log off;
+            client_body_temp_path {tmp_path}/body; proxy_temp_path {tmp_path}/proxy;
+            fastcgi_temp_path {tmp_path}/fastcgi; uwsgi_temp_path {tmp_path}/uwsgi;
+            scgi_temp_path {tmp_path}/scgi;
+            include {tmp_path}/shop.conf;
+        }}""")
+    nginx = subprocess.Popen([shutil.which("nginx") or "/usr/sbin/nginx", "-c",
+                              str(tmp_path / "nginx.conf"), "-p", str(tmp_path)])
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                time.sleep(0.05)
+        front = f"http://127.0.0.1:{port}"
+        polling = connect(new_user_id(), transports=("polling",), url=front)
+        upgraded = connect(new_user_id(), transports=("polling", "websocket"), url=front)
+        direct = connect(new_user_id(), on=servers[2])
+        for tab in (polling, upgraded, direct):
+            tab.call("joinRoom", "lobby")
+        for n in range(5):   # several polling round trips: each must find its session
+            assert polling.call("message", {"room": "lobby", "text": f"poll {n}"})["ok"]
+        for tab in (polling, upgraded, direct):
+            assert len(tab.wait_count("message", 5)) == 5
+        assert upgraded.client.transport() == "websocket"
+    finally:
+        nginx.terminate()
+        nginx.wait(10)
