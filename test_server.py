@@ -9,6 +9,7 @@ import json
 import os
 import re
 import signal
+import socket
 import sqlite3
 import stat
 import subprocess
@@ -1176,6 +1177,20 @@ def test_the_readme_flow_runs_on_the_official_javascript_client(start_server):
                  "paid paid", "shipped shipped", "bob got on connect: Hi Test"]:
         assert line in done.stdout.splitlines(), done.stdout
     assert re.search(r"^created [0-9a-f]{24} pending$", done.stdout, re.MULTILINE)
+
+
+def test_websocket_compression_is_declined(server):
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=5) as raw:
+        raw.sendall(
+            b"GET /socket.io/?EIO=4&transport=websocket HTTP/1.1\r\n"
+            + f"Host: {host}:{port}\r\n".encode()
+            + b"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+              b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+              b"Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n\r\n")
+        response = raw.recv(4096).decode("latin-1")
+    assert response.startswith("HTTP/1.1 101")
+    assert "sec-websocket-extensions" not in response.lower()
 
 
 def test_a_long_polling_batch_of_many_packets_is_answered_in_full(server):

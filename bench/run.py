@@ -1,0 +1,183 @@
+"""Benchmark server.py against the ceiling (bench/ceiling.py) and print medians.
+
+    python bench/run.py                  # every scenario, 3 interleaved rounds
+    python bench/run.py --rounds 5 --seconds 5 --only acks fanout-1000
+
+Each measurement starts the server under test on a free port with a fresh
+database and rate limits off, pinned to CPU 0 (taskset), and the load generator
+(bench/load.mjs, the official socket.io-client on Node.js) pinned to CPU 1.
+Rounds interleave server.py and the ceiling so that machine noise hits both.
+Needs `npm ci` (socket.io-client) and `taskset` (util-linux).
+"""
+
+import argparse
+import json
+import os
+import re
+import resource
+import shutil
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+SECRET = "benchmark-secret-benchmark-secret-benchmark"
+SERVERS = {"server.py": ROOT / "server.py", "ceiling": HERE / "ceiling.py"}
+
+# name -> (load.mjs config, which figure is the headline)
+SCENARIOS = {
+    "acks": ({"scenario": "acks", "clients": 50}, "acks/s"),
+    "fanout-10": ({"scenario": "fanout", "members": 10}, "deliveries/s"),
+    "fanout-100": ({"scenario": "fanout", "members": 100}, "deliveries/s"),
+    "fanout-1000": ({"scenario": "fanout", "members": 1000}, "deliveries/s"),
+    "orders": ({"scenario": "orders", "clients": 20}, "orders/s"),
+    "payments": ({"scenario": "payments", "clients": 20, "ordersPerClient": 250}, "updates/s"),
+    "idle-100": ({"scenario": "connections", "idle": 100, "clients": 20}, "whoami/s"),
+    "idle-1000": ({"scenario": "connections", "idle": 1000, "clients": 20}, "whoami/s"),
+    "idle-5000": ({"scenario": "connections", "idle": 5000, "clients": 20}, "whoami/s"),
+    "polling": ({"scenario": "acks", "clients": 20, "transport": "polling"}, "acks/s"),
+}
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_bytes(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"VmRSS:\s+(\d+) kB", status)[1]) * 1024
+
+
+def start(kind: str, workdir: Path) -> tuple[subprocess.Popen, str]:
+    db = workdir / "bench.db"
+    if kind == "server.py":
+        # Stock that never runs out, so payments measure the write path, not refusals.
+        with sqlite3.connect(db) as connection:
+            connection.executescript((ROOT / "schema.sql").read_text())
+            connection.execute("UPDATE products SET stock = 1000000000")
+        connection.close()
+    env = {**os.environ, "JWT_SECRET": SECRET, "RATE_LIMITS": "off"}
+    process = subprocess.Popen(
+        ["taskset", "-c", "0", sys.executable, str(SERVERS[kind]), "--port", "0",
+         "--db", str(db)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        env=env, cwd=workdir)
+    for line in process.stdout:
+        match = re.search(r"listening on (http://\S+)", line)
+        if match:
+            return process, match[1]
+    raise RuntimeError(f"{kind} did not start")
+
+
+def measure(kind: str, scenario: str, seconds: float, deflate: bool) -> dict:
+    config, _ = SCENARIOS[scenario]
+    with tempfile.TemporaryDirectory() as workdir:
+        server, url = start(kind, Path(workdir))
+        try:
+            time.sleep(0.3)
+            base_rss = rss_bytes(server.pid)
+            load = subprocess.Popen(
+                ["taskset", "-c", "1", "node", str(HERE / "load.mjs"), json.dumps(
+                    {**config, "url": url, "secret": SECRET, "seconds": seconds,
+                     "deflate": deflate})],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+            started = json.loads(load.stdout.readline())
+            extra = {}
+            if "opened" in started:  # idle connections are open: what do they cost?
+                extra["bytesPerConnection"] = (rss_bytes(server.pid) - base_rss) / started["opened"]
+            cpu_before = cpu_seconds(server.pid)
+            load.stdin.write("go\n")
+            load.stdin.flush()
+            json.loads(load.stdout.readline())          # the window has ended
+            server_cpu = cpu_seconds(server.pid) - cpu_before
+            result = json.loads(load.stdout.readline())
+            load.wait(60)
+            result.update(extra, serverCpu=server_cpu / result["wall"],
+                          perServerCpuSecond=result["count"] / max(server_cpu, 1e-9))
+            return result
+        finally:
+            server.terminate()
+            try:
+                server.wait(10)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                server.wait()
+
+
+def fmt(value: float | None, digits: int = 0) -> str:
+    return "-" if value is None else f"{value:,.{digits}f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=4.0, help="timed window per measurement")
+    parser.add_argument("--only", nargs="*", choices=list(SCENARIOS), help="scenarios to run")
+    parser.add_argument("--deflate", choices=("off", "on", "both"), default="both",
+                        help="clients offering permessage-deflate")
+    args = parser.parse_args()
+    for tool in ("taskset", "node"):
+        if not shutil.which(tool):
+            sys.exit(f"bench/run.py needs {tool}")
+    if not (ROOT / "node_modules" / "socket.io-client").exists():
+        sys.exit("bench/run.py needs the JavaScript client: run `npm ci` first")
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))   # 5000 sockets on each side
+
+    scenarios = args.only or list(SCENARIOS)
+    variants = {"off": [False], "on": [True], "both": [False, True]}[args.deflate]
+    results: dict[tuple, list[dict]] = {}
+    for round_number in range(1, args.rounds + 1):
+        for scenario in scenarios:
+            for deflate in variants if SCENARIOS[scenario][0].get("transport") != "polling" else [False]:
+                for kind in SERVERS if round_number % 2 else reversed(SERVERS):
+                    result = measure(kind, scenario, args.seconds, deflate)
+                    results.setdefault((scenario, deflate, kind), []).append(result)
+                    print(f"round {round_number} {scenario:12} deflate={'on ' if deflate else 'off'}"
+                          f" {kind:9} {result['rate']:10,.0f}/s  failures={result['failures']}",
+                          file=sys.stderr, flush=True)
+
+    def median(key, field):
+        values = [r[field] for r in results[key] if r.get(field) is not None]
+        return statistics.median(values) if values else None
+
+    print(f"\nMedians of {args.rounds} rounds, {args.seconds:g} s windows; server on CPU 0,"
+          " load generator on CPU 1.\n")
+    print("| scenario | deflate | figure | server.py | ceiling | ratio | per server-CPU-s"
+          " (server.py / ceiling) | p50 ms | p99 ms (server.py / ceiling) | memory/conn"
+          " (server.py / ceiling) | generator CPU | failures |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for scenario in scenarios:
+        for deflate in variants if SCENARIOS[scenario][0].get("transport") != "polling" else [False]:
+            ours, ceiling = (scenario, deflate, "server.py"), (scenario, deflate, "ceiling")
+            rate, top = median(ours, "rate"), median(ceiling, "rate")
+            memory = ""
+            if median(ours, "bytesPerConnection") is not None:
+                memory = (f"{fmt(median(ours, 'bytesPerConnection') / 1024, 1)} KiB /"
+                          f" {fmt(median(ceiling, 'bytesPerConnection') / 1024, 1)} KiB")
+            failures = sum(r["failures"] for r in results[ours] + results[ceiling])
+            print(f"| {scenario} | {'on' if deflate else 'off'} | {SCENARIOS[scenario][1]}"
+                  f" | {fmt(rate)} | {fmt(top)} | {fmt(rate / top if top else None, 2)}"
+                  f" | {fmt(median(ours, 'perServerCpuSecond'))} / {fmt(median(ceiling, 'perServerCpuSecond'))}"
+                  f" | {fmt(median(ours, 'p50'), 2)} / {fmt(median(ceiling, 'p50'), 2)}"
+                  f" | {fmt(median(ours, 'p99'), 2)} / {fmt(median(ceiling, 'p99'), 2)}"
+                  f" | {memory}"
+                  f" | {fmt(100 * median(ours, 'generatorCpu'))}% / {fmt(100 * median(ceiling, 'generatorCpu'))}%"
+                  f" | {failures} |")
+    if any(r.get("connectRate") for rs in results.values() for r in rs):
+        print("\nConnect rate (connections/s, server.py / ceiling):")
+        for scenario in scenarios:
+            if SCENARIOS[scenario][0]["scenario"] == "connections":
+                for deflate in variants:
+                    print(f"- {scenario} deflate={'on' if deflate else 'off'}:"
+                          f" {fmt(median((scenario, deflate, 'server.py'), 'connectRate'))} /"
+                          f" {fmt(median((scenario, deflate, 'ceiling'), 'connectRate'))}")
+
+
+if __name__ == "__main__":
+    main()
