@@ -39,7 +39,7 @@ import sqlite3
 import sys
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -48,6 +48,7 @@ from typing import Any
 from urllib.parse import parse_qs
 
 import eventlet.queue
+import eventlet.tpool
 import eventlet.websocket
 import eventlet.wsgi
 import jwt
@@ -78,6 +79,7 @@ DEFAULT_MAX_PAYLOAD_BYTES = 100_000
 DEFAULT_TOKEN_TTL = "24h"
 SECRET_SUFFIX = ".secret"
 SQLITE_BUSY_TIMEOUT_MS = 5000
+CHECKPOINT_INTERVAL_S = 0.5        # how often the WAL is copied into the database file
 MAX_CONNECTIONS = 100_000          # eventlet's WSGI server would stop at 1024
 LISTEN_BACKLOG = 1024
 SHUTDOWN_POLL_S = 0.2
@@ -300,21 +302,54 @@ class Storage:
 
     def __init__(self) -> None:
         self.db: sqlite3.Connection | None = None
+        self.path: Path | None = None
         self.users_stored: dict[str, User] = {}
+        self.checkpointer: Any = None
+        self.stop_checkpoints: eventlet.queue.LightQueue = eventlet.queue.LightQueue()
 
     def open(self, path: Path) -> None:
-        self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self.db, self.path = connect_database(path), path
         self.db.row_factory = sqlite3.Row
         # WAL with synchronous=NORMAL: a commit survives a killed process
         # (not a power cut) and readers never wait for the writer.
-        # Other processes may share the file (REDIS_URL): wait for their locks.
-        self.db.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
         self.db.execute("PRAGMA journal_mode = WAL")
         self.db.execute("PRAGMA synchronous = NORMAL")
+        self.db.execute("PRAGMA wal_autocheckpoint = 0")     # see checkpoint_forever
         self.db.execute("PRAGMA foreign_keys = ON")
         self.db.executescript(SCHEMA_FILE.read_text(encoding="utf-8"))
 
+    def start_checkpoints(self) -> None:
+        self.checkpointer = eventlet.spawn(self.checkpoint_forever)
+
+    def checkpoint_forever(self) -> None:
+        """Copy committed pages from the WAL back into the database file. The
+        copy ends in two fsyncs that take milliseconds, and SQLite would make
+        every few hundredth commit wait for them with the whole process (and
+        every socket) stopped. Done here, in a native thread (eventlet.tpool),
+        the greenlets go on meanwhile."""
+        connection = connect_database(self.path)
+        try:
+            while True:
+                try:
+                    self.stop_checkpoints.get(timeout=CHECKPOINT_INTERVAL_S)
+                    return
+                except eventlet.queue.Empty:
+                    pass
+                try:
+                    eventlet.tpool.execute(
+                        lambda: connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall())
+                except sqlite3.Error as error:
+                    log.warning("checkpoint failed (%s); the WAL keeps the data", error)
+        finally:
+            connection.close()
+
     def close(self) -> None:
+        """Stop the checkpoints, then close: the last connection to close
+        checkpoints what is left and removes the WAL."""
+        if self.checkpointer is not None:
+            self.stop_checkpoints.put(None)
+            self.checkpointer.wait()
+            self.checkpointer = None
         if self.db is not None:
             self.db.close()
             self.db = None
@@ -501,6 +536,14 @@ class Storage:
         return [notification_received(row) for row in rows]
 
 
+def connect_database(path: Path) -> sqlite3.Connection:
+    """Autocommit mode (transactions are explicit), usable from the checkpoint
+    thread, and waiting for other processes' locks (they may share the file)."""
+    connection = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    connection.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
+    return connection
+
+
 def notification_received(row: sqlite3.Row) -> dict:
     """The `notification:received` payload of a stored notification."""
     return {"event": "notification:received", "id": row["id"], "type": row["type"],
@@ -612,7 +655,11 @@ OBJECT_ID = re.compile(r"[0-9a-fA-F]{24}")
 
 def shown(value: Any) -> str:
     """A client value as an error message quotes it (shortened)."""
-    text = value if isinstance(value, str) else json.dumps(value) if value is not None else "undefined"
+    if value is None:
+        return "undefined"
+    if isinstance(value, bytes):  # a binary attachment
+        return "<binary>"
+    text = value if isinstance(value, str) else json.dumps(value, default=lambda _: "<binary>")
     return text if len(text) <= SHOWN_VALUE_MAX else text[:SHOWN_VALUE_MAX] + "…"
 
 
@@ -645,7 +692,11 @@ def optional_json_object(data: dict, key: str, limit_bytes: int) -> dict | None:
         return None
     if not isinstance(value, dict):
         raise invalid(f"{key} must be an object")
-    if len(json.dumps(value, separators=(",", ":")).encode()) > limit_bytes:
+    try:
+        encoded = json.dumps(value, separators=(",", ":"), allow_nan=False)
+    except (TypeError, ValueError):  # bytes from a binary event; NaN or Infinity
+        raise invalid(f"{key} must be plain JSON (no binary data, NaN or Infinity)") from None
+    if len(encoded.encode()) > limit_bytes:
         raise invalid(f"{key} must be at most {limit_bytes} bytes as JSON")
     return value
 
@@ -1035,7 +1086,13 @@ class LenientPacket(socketio.packet.Packet):
     would be dropped with a traceback and the client left waiting. Decoded as
     the event MALFORMED instead, it gets an `Invalid payload` ack like any
     other bad input. So does an event named `connect` or `disconnect`, which
-    python-socketio would otherwise pass to the connection handlers."""
+    python-socketio would otherwise pass to the connection handlers.
+
+    The server never sends binary data: what it echoes is validated as plain
+    JSON. So outgoing packets skip python-socketio's recursive search of every
+    payload for bytes, which costs more than encoding the payload."""
+
+    uses_binary_events = False
 
     def decode(self, encoded_packet: Any) -> int:
         try:
@@ -1054,8 +1111,23 @@ class LenientPacket(socketio.packet.Packet):
         return attachments
 
 
-sio = socketio.Server(async_mode="eventlet", cors_allowed_origins="*", serializer=LenientPacket,
-                      logger=False, engineio_logger=False)
+class Server(socketio.Server):
+    """python-socketio sends an event's ack when the handler returns. What the
+    handler left to send after it (Context.emit) goes out right then, from the
+    same greenlet: the client reads its own outcome first, and the ack and the
+    broadcast leave in one wake-up of each socket's writer."""
+
+    def _handle_event_internal(self, server: socketio.Server, sid: str, eio_sid: str,
+                               data: list, namespace: str, id: int | None) -> None:
+        try:
+            super()._handle_event_internal(server, sid, eio_sid, data, namespace, id)
+        finally:
+            run_all(after_ack.pop(eventlet.getcurrent(), ()))
+
+
+sio = Server(async_mode="eventlet", cors_allowed_origins="*", serializer=LenientPacket,
+             logger=False, engineio_logger=False)
+after_ack: dict[Any, list[Callable[[], Any]]] = {}   # handler greenlet -> its pending emits
 
 
 @dataclass
@@ -1171,12 +1243,12 @@ def handle(name: str, handler: Callable[[Context, Any], Ack], sid: str, args: tu
     else:
         log.debug("%s sid=%s user=%s -> ok", name, sid, user_of(peer))
         if context.after_ack:
-            sio.start_background_task(run_all, context.after_ack)
+            after_ack[eventlet.getcurrent()] = context.after_ack
     metrics.observe(name, time.perf_counter() - started, "error" in ack)
     return ack
 
 
-def run_all(tasks: list[Callable[[], Any]]) -> None:
+def run_all(tasks: Iterable[Callable[[], Any]]) -> None:
     for task in tasks:
         try:
             task()
@@ -1186,6 +1258,12 @@ def run_all(tasks: list[Callable[[], Any]]) -> None:
 
 def user_of(peer: Peer) -> str:
     return peer.user.id if peer.user else "-"
+
+
+def in_room(sid: str, room: str) -> bool:
+    """Whether a socket is in a room, at once: sio.rooms(sid) would walk every
+    room on the server (each socket and user has one) to list this socket's."""
+    return sid in sio.manager.rooms.get("/", {}).get(room, ())
 
 
 def order_rooms(order: dict) -> list[str]:
@@ -1245,7 +1323,7 @@ def join_room(ctx: Context, data: Any) -> Ack:
     room = room_name(data)
     if is_reserved_room(room):
         raise Refusal("Access denied")
-    if room not in sio.rooms(ctx.sid):
+    if not in_room(ctx.sid, room):
         sio.enter_room(ctx.sid, room)
         ctx.emit("joined", {"event": "joined", "room": room, "by": ctx.sid,
                             "user": ctx.peer.public()}, to=room, skip_sid=ctx.sid)
@@ -1257,7 +1335,7 @@ def leave_room(ctx: Context, data: Any) -> Ack:
     room = room_name(data)
     if is_reserved_room(room):
         raise Refusal("Access denied")
-    if room in sio.rooms(ctx.sid):
+    if in_room(ctx.sid, room):
         sio.leave_room(ctx.sid, room)
         ctx.emit("left", {"event": "left", "room": room, "by": ctx.sid,
                           "user": ctx.peer.public()}, to=room)
@@ -1275,7 +1353,7 @@ def message(ctx: Context, data: Any) -> Ack:
     if not 1 <= len(text) <= TEXT_MAX:
         raise invalid(f"text must be 1-{TEXT_MAX} characters")
     meta = optional_json_object(data, "meta", META_MAX_BYTES)
-    if room not in sio.rooms(ctx.sid):
+    if not in_room(ctx.sid, room):
         raise Refusal("Not in room")
     payload = {"room": room, "text": text, "from": ctx.peer.public(), "ts": now_iso()}
     if meta is not None:
@@ -1343,7 +1421,7 @@ def typing(ctx: Context, data: Any) -> Ack:
                  to=f"user:{to_user_id}")
         return ok(mode="personal")
     room = room_name(data)
-    if room not in sio.rooms(ctx.sid):
+    if not in_room(ctx.sid, room):
         raise Refusal("Not in room")
     ctx.emit("typing", {"event": "typing", "from": ctx.user.id, "room": room, "at": now_iso()},
              to=room, skip_sid=ctx.sid)
@@ -1612,6 +1690,7 @@ def serve(cfg: Config) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda signum, frame: stopping.append(signum))
     notifier.start()
+    store.start_checkpoints()
     eventlet.spawn(eventlet.wsgi.server, listener, app, log=logging.getLogger("shop.http"),
                    log_output=cfg.verbose, debug=False, max_size=MAX_CONNECTIONS)
     while not stopping:
