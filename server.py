@@ -1111,6 +1111,34 @@ class LenientPacket(socketio.packet.Packet):
         return attachments
 
 
+PACKET_INT_MAX_DIGITS = 100
+
+
+def packet_int(digits: str) -> int:
+    """An integer read from a packet; a longer one is refused, as engineio does."""
+    if len(digits) > PACKET_INT_MAX_DIGITS:
+        raise ValueError(f"an integer of over {PACKET_INT_MAX_DIGITS} digits")
+    return int(digits)
+
+
+class PacketJSON:
+    """The JSON python-socketio and python-engineio read and write packets
+    with: the standard library's, compact, reading integers with packet_int,
+    and with one encoder and one decoder made at start (json.dumps and
+    json.loads given options build new ones on every call)."""
+
+    encoder = json.JSONEncoder(separators=(",", ":"))
+    decoder = json.JSONDecoder(parse_int=packet_int)
+
+    @classmethod
+    def dumps(cls, value: Any, **_: Any) -> str:
+        return cls.encoder.encode(value)
+
+    @classmethod
+    def loads(cls, text: str | bytes, **_: Any) -> Any:
+        return cls.decoder.decode(text.decode() if isinstance(text, bytes) else text)
+
+
 class Server(socketio.Server):
     """python-socketio sends an event's ack when the handler returns. What the
     handler left to send after it (Context.emit) goes out right then, from the
@@ -1126,7 +1154,7 @@ class Server(socketio.Server):
 
 
 sio = Server(async_mode="eventlet", cors_allowed_origins="*", serializer=LenientPacket,
-             logger=False, engineio_logger=False)
+             json=PacketJSON, logger=False, engineio_logger=False)
 after_ack: dict[Any, list[Callable[[], Any]]] = {}   # handler greenlet -> its pending emits
 
 

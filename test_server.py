@@ -57,7 +57,7 @@ def run_cli(*args, env=None, cwd=None):
 def frames_in_order(server, token: str, *steps: tuple[list | str, tuple[str, ...]]) -> list[str]:
     """Over a bare websocket, send each step's event (a list, or its JSON text;
     ack ids 1, 2, ...) once the frames its predecessor waited for have come, and
-    return the frames of the last step in the order they arrived."""
+    return every frame after the connection's, in the order they arrived."""
     ws = websocket.create_connection(server.url.replace("http", "ws")
                                      + "/socket.io/?EIO=4&transport=websocket", timeout=5)
     try:
@@ -65,9 +65,9 @@ def frames_in_order(server, token: str, *steps: tuple[list | str, tuple[str, ...
         ws.send("40" + json.dumps({"token": token}))
         while not ws.recv().startswith("40"):
             pass
+        frames: list[str] = []
         for ack_id, (event, until) in enumerate(steps, start=1):
             ws.send(f"42{ack_id}" + (event if isinstance(event, str) else json.dumps(event)))
-            frames: list[str] = []
             while not all(any(f.startswith(prefix) for f in frames) for prefix in until):
                 frames.append(ws.recv())
         return frames
@@ -456,6 +456,22 @@ def test_undecodable_arguments_answer_invalid_payload(server):
     while not answer.startswith("439"):
         answer = ws.recv()
     assert json.loads(answer[3:]) == [{"error": "Unauthorized", "reason": "no token"}]
+
+
+def test_integers_have_at_most_100_digits(server):
+    room = new_user_id("room")
+
+    def message_with(digits: int) -> list:
+        return ["message", {"room": room, "text": "hi", "meta": {"n": int("9" * digits)}}]
+
+    frames = frames_in_order(server, make_token(new_user_id()),
+                             (["joinRoom", room], ("431",)),
+                             (message_with(100), ("432",)),
+                             (message_with(101), ("433",)))
+    assert json.loads(frames[first_index(frames, "432")][3:]) == [{"ok": True,
+                                                                 "sentTo": f"room:{room}"}]
+    assert json.loads(frames[first_index(frames, "433")][3:]) == [{
+        "error": "Invalid payload", "detail": "the event's arguments are not valid JSON"}]
 
 
 def test_clients_cannot_send_the_reserved_connect_and_disconnect_events(server, connect):
