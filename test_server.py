@@ -1161,6 +1161,22 @@ def test_every_acked_order_survives_kill_9(start_server, tmp_path, connect):
         assert ack.get("ok") is True, (order_id, ack)
 
 
+def test_committed_orders_reach_the_database_file_within_a_second(start_server, tmp_path,
+                                                                  connect):
+    """Checkpoints run in the background: the main file alone (what a copy that
+    skips the -wal file would hold) soon has every order, and the server never
+    leaves them only in the WAL for long."""
+    server = start_server(db=tmp_path / "main.db")
+    tab = connect(new_user_id(), on=server)
+    order_ids = [create(tab)["_id"] for _ in range(20)]
+    time.sleep(1.5)
+    copy = tmp_path / "copy.db"
+    copy.write_bytes((tmp_path / "main.db").read_bytes())
+    with sqlite3.connect(copy) as db:
+        stored = {row[0] for row in db.execute("SELECT id FROM orders")}
+    assert set(order_ids) <= stored
+
+
 def test_ids_are_24_hex_object_ids_in_creation_order(connect):
     tab = connect(new_user_id())
     ids = [create(tab)["_id"] for _ in range(3)]
