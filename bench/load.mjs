@@ -102,18 +102,20 @@ async function measured(run, info = {}) {
   return { ...result, generatorCpu: (used.user + used.system) / 1e6 / wall, wall };
 }
 
-async function acks() {
-  const sockets = await openMany(cfg.clients, "acks");
+// Clients looping one event, each sending the next as soon as its ack is back.
+async function looped(prefix, event, payload, ok, warmUp) {
+  const sockets = await openMany(cfg.clients, prefix);
   await quiet();
-  await loop(sockets, "whoami", () => null, 0.5);                        // warm up
+  if (warmUp) await loop(sockets, event, payload, 0.5);
   const result = await measured(async () => {
-    const { count, latencies } = await loop(sockets, "whoami", () => null, cfg.seconds,
-                                            (ack) => ack && ack.userId);
+    const { count, latencies } = await loop(sockets, event, payload, cfg.seconds, ok);
     return summary(count, cfg.seconds, latencies);
   });
   sockets.forEach((s) => s.disconnect());
   return result;
 }
+
+const acks = () => looped("acks", "whoami", () => null, (ack) => ack && ack.userId, true);
 
 async function fanout() {
   const members = await openMany(cfg.members, "member");
@@ -155,17 +157,7 @@ async function fanout() {
   return result;
 }
 
-async function orders() {
-  const sockets = await openMany(cfg.clients, "buyer");
-  await quiet();
-  const result = await measured(async () => {
-    const { count, latencies } = await loop(sockets, "order:create", () => ORDER, cfg.seconds,
-                                            (ack) => ack && ack.ok);
-    return summary(count, cfg.seconds, latencies);
-  });
-  sockets.forEach((s) => s.disconnect());
-  return result;
-}
+const orders = () => looped("buyer", "order:create", () => ORDER, (ack) => ack && ack.ok, false);
 
 async function payments() {
   const sockets = await openMany(cfg.clients, "payer");
