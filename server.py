@@ -655,11 +655,7 @@ OBJECT_ID = re.compile(r"[0-9a-fA-F]{24}")
 
 def shown(value: Any) -> str:
     """A client value as an error message quotes it (shortened)."""
-    if value is None:
-        return "undefined"
-    if isinstance(value, bytes):  # a binary attachment
-        return "<binary>"
-    text = value if isinstance(value, str) else json.dumps(value, default=lambda _: "<binary>")
+    text = value if isinstance(value, str) else json.dumps(value) if value is not None else "undefined"
     return text if len(text) <= SHOWN_VALUE_MAX else text[:SHOWN_VALUE_MAX] + "…"
 
 
@@ -694,7 +690,7 @@ def optional_json_object(data: dict, key: str, limit_bytes: int) -> dict | None:
         raise invalid(f"{key} must be an object")
     try:
         encoded = json.dumps(value, separators=(",", ":"), allow_nan=False)
-    except (TypeError, ValueError):  # bytes from a binary event; NaN or Infinity
+    except ValueError:  # NaN or Infinity, which Python reads and JSON.parse does not
         raise invalid(f"{key} must be plain JSON (no binary data, NaN or Infinity)") from None
     if len(encoded.encode()) > limit_bytes:
         raise invalid(f"{key} must be at most {limit_bytes} bytes as JSON")
@@ -1086,11 +1082,12 @@ class LenientPacket(socketio.packet.Packet):
     would be dropped with a traceback and the client left waiting. Decoded as
     the event MALFORMED instead, it gets an `Invalid payload` ack like any
     other bad input. So does an event named `connect` or `disconnect`, which
-    python-socketio would otherwise pass to the connection handlers.
+    python-socketio would otherwise pass to the connection handlers, and an
+    event with binary attachments: the protocol is JSON.
 
-    The server never sends binary data: what it echoes is validated as plain
-    JSON. So outgoing packets skip python-socketio's recursive search of every
-    payload for bytes, which costs more than encoding the payload."""
+    Since no bytes ever come in, none go out: outgoing packets skip
+    python-socketio's recursive search of every payload for bytes, which
+    costs more than encoding the payload."""
 
     uses_binary_events = False
 
@@ -1108,6 +1105,8 @@ class LenientPacket(socketio.packet.Packet):
             self.data = [MALFORMED, "an event is a JSON array that starts with its name"]
         elif self.data[0] in socketio.Server.reserved_events:
             self.data = [MALFORMED, f"{self.data[0]!r} is a reserved event name"]
+        elif self.packet_type == socketio.packet.BINARY_EVENT:
+            self.data = [MALFORMED, "binary attachments are not accepted; send JSON"]
         return attachments
 
 
