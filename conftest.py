@@ -32,6 +32,11 @@ POSTER = "64a1b2c3d4e5f67890123459"
 
 NOTHING = object()
 _ids = itertools.count(1)
+# What a server must never write: a traceback is a bug by definition, and so
+# are the lines eventlet and logging write when something is left unhandled.
+LOG_DEFECTS = ("Traceback (most recent call last)", "socket shutdown error",
+               "--- Logging error ---")
+started_servers: list["ServerProcess"] = []
 
 
 def new_user_id(prefix: str = "user") -> str:
@@ -63,6 +68,7 @@ class ServerProcess:
     def start(self) -> "ServerProcess":
         self.stdout_path = self.workdir / f"stdout-{next(_ids)}.txt"
         self.stderr_path = self.workdir / f"stderr-{next(_ids)}.txt"
+        started_servers.append(self)
         self.proc = subprocess.Popen(
             [sys.executable, str(SERVER), "--port", "0", "--db", str(self.db), *self.args],
             cwd=self.workdir, env=self.env,
@@ -83,6 +89,26 @@ class ServerProcess:
 
     def stderr(self) -> str:
         return self.stderr_path.read_text()
+
+    def wait_for_log(self, pattern: str, timeout: float = WAIT_S) -> re.Match:
+        """The first match of a regular expression in the server's log, waited for."""
+        deadline = time.monotonic() + timeout
+        while not (match := re.search(pattern, self.stderr())):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no {pattern!r} in the log within {timeout}s:\n"
+                                     f"{self.stderr()}")
+            time.sleep(0.05)
+        return match
+
+    def log_size(self) -> int:
+        return self.stderr_path.stat().st_size
+
+    def log_defects(self, since: int = 0) -> str:
+        """What the server logged after byte `since`, if any of it is a defect."""
+        with self.stderr_path.open("rb") as log:
+            log.seek(since)
+            text = log.read().decode(errors="replace")
+        return text if any(defect in text for defect in LOG_DEFECTS) else ""
 
     def get(self, path: str) -> tuple[int, str, dict]:
         try:
@@ -171,6 +197,25 @@ class Tab:
     def close(self) -> None:
         if self.client.connected:
             self.client.disconnect()
+
+
+@pytest.fixture(autouse=True)
+def server_logs_have_no_traceback(request):
+    """Every test fails when a server it used logged a traceback (or another
+    defect) meanwhile, with the log in the failure; a test that provokes one
+    on purpose says so with @pytest.mark.provokes_traceback."""
+    logged_before = {id(process): process.log_size() for process in started_servers}
+    yield
+    if request.node.get_closest_marker("provokes_traceback"):
+        return
+    defects = []
+    for process in started_servers:
+        text = process.log_defects(logged_before.get(id(process), 0))
+        if text:
+            defects.append(f"--- {process.stderr_path} ---\n{text}")
+    started_servers[:] = [p for p in started_servers if p.proc and p.proc.poll() is None]
+    if defects:
+        pytest.fail("a server logged a traceback:\n" + "\n".join(defects), pytrace=False)
 
 
 def settle(seconds: float = 0.3) -> None:

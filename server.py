@@ -42,7 +42,7 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from decimal import Decimal
+from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
@@ -53,6 +53,7 @@ import eventlet.websocket
 import eventlet.wsgi
 import jwt
 import socketio
+from engineio.async_drivers import eventlet as engineio_eventlet
 from engineio.payload import Payload
 
 # PyJWT warns on every decode with a short HS256 key; the server warns once at
@@ -77,6 +78,7 @@ DEFAULT_PORT = 8000
 DEFAULT_DATABASE = "app.db"
 DEFAULT_MAX_PAYLOAD_BYTES = 100_000
 DEFAULT_TOKEN_TTL = "24h"
+DEFAULT_CONNECT_TIMEOUT_S = 45.0   # Engine.IO open, no Socket.IO CONNECT: closed (as socket.io)
 SECRET_SUFFIX = ".secret"
 SQLITE_BUSY_TIMEOUT_MS = 5000
 CHECKPOINT_INTERVAL_S = 0.5        # how often the WAL is copied into the database file
@@ -142,6 +144,7 @@ class Config:
         default_factory=lambda: dict(DEFAULT_RATE_LIMITS))
     notify_queue: bool = True
     admin_ui: tuple[str, str] | None = None
+    connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S
     verbose: bool = False
 
 
@@ -202,6 +205,10 @@ def load_config(args: argparse.Namespace, env: Mapping[str, str]) -> Config:
             raise ConfigError("ADMIN_UI must be user:password")
         admin_ui = (user, password)
     origins = env.get("CORS_ORIGINS", "*").strip() or "*"
+    try:
+        connect_timeout = parse_duration(env.get("CONNECT_TIMEOUT", f"{DEFAULT_CONNECT_TIMEOUT_S:g}s"))
+    except ConfigError as error:
+        raise ConfigError(f"CONNECT_TIMEOUT: {error}") from None
     return Config(
         host=getattr(args, "host", None) or env.get("HOST", DEFAULT_HOST),
         port=parse_port(str(args.port) if getattr(args, "port", None) is not None
@@ -216,6 +223,7 @@ def load_config(args: argparse.Namespace, env: Mapping[str, str]) -> Config:
         rate_limits=parse_rate_limits(env.get("RATE_LIMITS", "")),
         notify_queue=parse_flag("NOTIFY_QUEUE", env.get("NOTIFY_QUEUE", "1")),
         admin_ui=admin_ui,
+        connect_timeout_s=connect_timeout,
         verbose=getattr(args, "verbose", False),
     )
 
@@ -257,10 +265,11 @@ def new_object_id() -> str:
 
 
 def to_cents(amount: float) -> int:
-    """Money is compared in whole cents, never as floats."""
+    """Money is compared in whole cents, never as floats. Any finite number
+    has its cents, 1e308 too (to_integral_value has no precision limit)."""
     if isinstance(amount, int):
         return amount * 100
-    return int((Decimal(repr(amount)) * 100).quantize(Decimal(1), rounding="ROUND_HALF_UP"))
+    return int((Decimal(repr(amount)) * 100).to_integral_value(rounding=ROUND_HALF_UP))
 
 
 def from_cents(cents: int) -> int | float:
@@ -612,7 +621,7 @@ def authenticate(token: Any) -> tuple[User | None, str]:
     token = BEARER.sub("", token).strip() if isinstance(token, str) else token
     if token is None or token == "":
         return None, "no token"
-    if not isinstance(token, str):
+    if not isinstance(token, str) or UNSAFE_CHARACTER.search(token):
         return None, "invalid token"
     try:
         claims = jwt.decode(
@@ -629,9 +638,11 @@ def authenticate(token: Any) -> tuple[User | None, str]:
         user_id = str(user_id)
     if not isinstance(user_id, str) or len(user_id) > USER_ID_MAX:
         return None, "invalid token"
+    email, name = text_claim(claims, "email"), text_claim(claims, "name")
+    if any(UNSAFE_CHARACTER.search(text) for text in (user_id, email or "", name or "")):
+        return None, "invalid token"   # claims that could not be stored or shown
     return User(id=user_id, role="admin" if claims.get("role") == "admin" else "user",
-                email=text_claim(claims, "email"), name=text_claim(claims, "name"),
-                is_verified=claims.get("isVerified") is True), ""
+                email=email, name=name, is_verified=claims.get("isVerified") is True), ""
 
 
 def text_claim(claims: dict, key: str) -> str | None:
@@ -651,6 +662,35 @@ def handshake_token(environ: dict, auth: Any) -> Any:
 # =============================================================================
 
 OBJECT_ID = re.compile(r"[0-9a-fA-F]{24}")
+# Characters no string of the protocol may hold: NUL, which SQLite and C code
+# take for the end of a string, and a lone UTF-16 surrogate (half an emoji, as
+# JavaScript's slice() can cut one), which JSON can carry but UTF-8 cannot.
+UNSAFE_CHARACTER = re.compile("[\x00\ud800-\udfff]")
+# JSON carries either only as an escape (\u0000, \ud800); raw, JSON refuses NUL
+# and UTF-8 has no surrogates. Packets without a backslash-u need no search.
+MAYBE_UNSAFE = re.compile(r"\\u|[\x00\ud800-\udfff]")
+
+
+def unsafe_text(value: Any, path: str = "") -> str | None:
+    """Why a decoded payload cannot be taken, naming the field, or None.
+    Iterative: the payload may be nested as deep as the JSON decoder allows."""
+    pending = [(path, value)]
+    while pending:
+        path, value = pending.pop()
+        if isinstance(value, str):
+            found = UNSAFE_CHARACTER.search(value)
+            if found:
+                what = ("a NUL character" if found[0] == "\x00"
+                        else "a lone UTF-16 surrogate (half of a character)")
+                return f"{path or 'the payload'} contains {what}"
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                pending.append((f"a key of {path or 'the payload'}", key))
+                pending.append((f"{path}.{key}" if path else str(key), item))
+        elif isinstance(value, list):
+            pending.extend((f"{path}.{n}" if path else str(n), item)
+                           for n, item in enumerate(value))
+    return None
 
 
 def shown(value: Any) -> str:
@@ -1074,6 +1114,11 @@ cluster = Cluster()
 
 MALFORMED = "(malformed)"
 EVENT_PACKETS = (socketio.packet.EVENT, socketio.packet.BINARY_EVENT)
+PACKET_TYPES = frozenset("0123456")     # CONNECT ... BINARY_ACK
+
+
+class NotAPacket(ValueError):
+    """Input that is not Socket.IO at all; the connection is closed (Server)."""
 
 
 class LenientPacket(socketio.packet.Packet):
@@ -1082,8 +1127,13 @@ class LenientPacket(socketio.packet.Packet):
     would be dropped with a traceback and the client left waiting. Decoded as
     the event MALFORMED instead, it gets an `Invalid payload` ack like any
     other bad input. So does an event named `connect` or `disconnect`, which
-    python-socketio would otherwise pass to the connection handlers, and an
-    event with binary attachments: the protocol is JSON.
+    python-socketio would otherwise pass to the connection handlers, an event
+    with binary attachments (the protocol is JSON), and an event with a string
+    no field may hold (see unsafe_text).
+
+    What is not a Socket.IO packet at all (an unknown packet type, a binary
+    frame that is no attachment, a handshake that is not JSON) raises
+    NotAPacket, and the server closes that connection, as socket.io does.
 
     Since no bytes ever come in, none go out: outgoing packets skip
     python-socketio's recursive search of every payload for bytes, which
@@ -1092,11 +1142,15 @@ class LenientPacket(socketio.packet.Packet):
     uses_binary_events = False
 
     def decode(self, encoded_packet: Any) -> int:
+        if not isinstance(encoded_packet, str):
+            raise NotAPacket("a binary frame that is not an attachment")
+        if encoded_packet[:1] not in PACKET_TYPES or not encoded_packet:
+            raise NotAPacket(f"unknown packet type {shown(encoded_packet[:1])!r}")
         try:
             attachments = super().decode(encoded_packet)
-        except (ValueError, RecursionError):
+        except (ValueError, RecursionError) as error:
             if self.packet_type not in EVENT_PACKETS:
-                raise
+                raise NotAPacket(f"packet type {self.packet_type}: {error}") from None
             self.data = [MALFORMED, "the event's arguments are not valid JSON"]
             return 0
         if self.packet_type not in EVENT_PACKETS:
@@ -1107,6 +1161,11 @@ class LenientPacket(socketio.packet.Packet):
             self.data = [MALFORMED, f"{self.data[0]!r} is a reserved event name"]
         elif self.packet_type == socketio.packet.BINARY_EVENT:
             self.data = [MALFORMED, "binary attachments are not accepted; send JSON"]
+        elif MAYBE_UNSAFE.search(encoded_packet):
+            arguments = self.data[1] if len(self.data) == 2 else self.data[1:]
+            why = unsafe_text(self.data[0], "the event name") or unsafe_text(arguments)
+            if why:
+                self.data = [MALFORMED, why]
         return attachments
 
 
@@ -1139,10 +1198,18 @@ class PacketJSON:
 
 
 class Server(socketio.Server):
-    """python-socketio sends an event's ack when the handler returns. What the
-    handler left to send after it (Context.emit) goes out right then, from the
-    same greenlet: the client reads its own outcome first, and the ack and the
-    broadcast leave in one wake-up of each socket's writer."""
+    """python-socketio with three additions (methods of the pinned 5.18.1,
+    checked at start by check_libraries):
+
+    - What a handler left to send after its ack (Context.emit) goes out right
+      after python-socketio sends the ack, from the same greenlet: the client
+      reads its own outcome first, and the ack and the broadcast leave in one
+      wake-up of each socket's writer.
+    - Input that is not a Socket.IO packet closes that connection with one log
+      line; python-socketio would log a traceback and leave it open.
+    - A connection that opens Engine.IO but never sends the Socket.IO CONNECT
+      packet is closed after CONNECT_TIMEOUT, as socket.io does; it would
+      otherwise hold a slot forever, answering pings."""
 
     def _handle_event_internal(self, server: socketio.Server, sid: str, eio_sid: str,
                                data: list, namespace: str, id: int | None) -> None:
@@ -1151,9 +1218,30 @@ class Server(socketio.Server):
         finally:
             run_all(after_ack.pop(eventlet.getcurrent(), ()))
 
+    def _handle_eio_message(self, eio_sid: str, data: str | bytes) -> None:
+        try:
+            super()._handle_eio_message(eio_sid, data)
+        except ValueError as error:   # NotAPacket, or python-socketio's own refusals
+            log.info("closing sid=%s user=%s: not a Socket.IO packet (%s)",
+                     self.manager.sid_from_eio_sid(eio_sid, "/") or "-",
+                     user_of_eio(eio_sid), error)
+            self.eio.disconnect(eio_sid)
 
+    def _handle_eio_connect(self, eio_sid: str, environ: dict) -> None:
+        super()._handle_eio_connect(eio_sid, environ)
+        eventlet.spawn_after(config.connect_timeout_s, self.close_if_never_connected, eio_sid)
+
+    def close_if_never_connected(self, eio_sid: str) -> None:
+        if eio_sid in self.eio.sockets and self.manager.sid_from_eio_sid(eio_sid, "/") is None:
+            log.info("closing eio_sid=%s: no Socket.IO CONNECT within %gs",
+                     eio_sid, config.connect_timeout_s)
+            self.eio.disconnect(eio_sid)
+
+
+# namespaces="*" lets every namespace reach on_other_namespace, which refuses
+# it in the protocol's words (python-socketio's own refusal is a bare string).
 sio = Server(async_mode="eventlet", cors_allowed_origins="*", serializer=LenientPacket,
-             json=PacketJSON, logger=False, engineio_logger=False)
+             json=PacketJSON, logger=False, engineio_logger=False, namespaces="*")
 after_ack: dict[Any, list[Callable[[], Any]]] = {}   # handler greenlet -> its pending emits
 
 
@@ -1287,6 +1375,12 @@ def user_of(peer: Peer) -> str:
     return peer.user.id if peer.user else "-"
 
 
+def user_of_eio(eio_sid: str) -> str:
+    """The user behind an Engine.IO session, for log lines below the events."""
+    peer = peers.get(sio.manager.sid_from_eio_sid(eio_sid, "/") or "")
+    return user_of(peer) if peer else "-"
+
+
 def in_room(sid: str, room: str) -> bool:
     """Whether a socket is in a room, at once: sio.rooms(sid) would walk every
     room on the server (each socket and user has one) to list this socket's."""
@@ -1321,6 +1415,12 @@ def connect(sid: str, environ: dict, auth: Any) -> None:
     # The client hears of its connection only after this returns, so what it
     # must receive (presence, saved notifications) is sent by a task after it.
     sio.start_background_task(welcome, peer, first_tab)
+
+
+@sio.on("connect", namespace="*")
+def connect_elsewhere(namespace: str, sid: str, environ: dict, auth: Any = None) -> None:
+    """The protocol lives in the default namespace alone."""
+    raise socketio.exceptions.ConnectionRefusedError("Invalid namespace")
 
 
 def welcome(peer: Peer, first_tab: bool) -> None:
@@ -1638,18 +1738,121 @@ def http_app(environ: dict, start_response: Callable) -> list[bytes]:
     return route(environ, start_with_cors)
 
 
-def without_websocket_compression(wsgi_app: Callable) -> Callable:
-    """Refuse permessage-deflate: eventlet would compress every frame with
-    zlib state per connection, for JSON messages too small to gain from it
-    (the benchmark measured fan-out down a third and 2.5x the memory per
-    connection). Clients that offer it simply go on uncompressed."""
+# =============================================================================
+# Transports: what reaches python-engineio
+# =============================================================================
+
+ENGINEIO_CLIENT_PACKETS = frozenset("123456b")  # close ping pong message upgrade noop, b: base64
+CLOSE_PROTOCOL_ERROR = 1002
+CLOSE_TOO_BIG = 1009
+
+
+def frame_problem(data: str | bytes | None, limit: int) -> tuple[int, str] | None:
+    """Why a websocket message cannot be taken, as a close code and reason."""
+    if data is None:
+        return None
+    if len(data) > limit:
+        return CLOSE_TOO_BIG, f"message of {len(data)} bytes is above the limit of {limit}"
+    if isinstance(data, str):
+        if not data or data[0] not in ENGINEIO_CLIENT_PACKETS:
+            return CLOSE_PROTOCOL_ERROR, "not an Engine.IO packet"
+        if data[0] == "b":
+            try:
+                base64.b64decode(data[1:], validate=True)
+            except ValueError:
+                return CLOSE_PROTOCOL_ERROR, "not an Engine.IO packet: bad base64"
+    return None
+
+
+class CheckedFrames:
+    """The websocket python-engineio reads from. A text frame that is not an
+    Engine.IO packet ("hello", an empty frame) would raise inside
+    python-engineio, which then writes an HTTP 500 response into the open
+    websocket and leaves the session open until the ping timeout. Here it
+    closes the websocket with a close code and reason, and one log line; so
+    does a message above MAX_PAYLOAD_BYTES, and every close eventlet makes
+    for its own reasons (a frame above the limit: 1009). Closing twice is a
+    no-op, so no "socket shutdown error" follows."""
+
+    def __init__(self, ws: Any, eio_sid: str) -> None:
+        self.ws, self.eio_sid, self.closed = ws, eio_sid, False
+        self.close_websocket = ws.close
+        ws.close = self.close          # eventlet's own closes come here too
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.ws, name)
+
+    def wait(self) -> str | bytes | None:
+        data = self.ws.wait()
+        problem = frame_problem(data, config.max_payload_bytes)
+        if problem is None:
+            return data
+        self.close(problem, received=data)
+        return None                    # python-engineio ends the session
+
+    def close(self, close_data: tuple[int, str] | None = None, received: Any = None) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if close_data is not None:
+            seen = "" if received is None or close_data[0] == CLOSE_TOO_BIG else \
+                f", received {shown(received)!r}"
+            log.info("closing sid=%s user=%s: %s (websocket close %d%s)",
+                     sio.manager.sid_from_eio_sid(self.eio_sid, "/") or self.eio_sid,
+                     user_of_eio(self.eio_sid), close_data[1], close_data[0], seen)
+        self.close_websocket(close_data)
+
+
+class CheckedWebSocket(engineio_eventlet.WebSocketWSGI):
+    """python-engineio's eventlet websocket, reading through CheckedFrames."""
+
+    def __init__(self, handler: Callable, server: Any) -> None:
+        eio_sid = getattr(getattr(handler, "__self__", None), "sid", "-")
+        super().__init__(lambda ws: handler(CheckedFrames(ws, eio_sid)), server)
+
+
+class WebsocketLog:
+    """wsgi.errors for eventlet's websocket code, which writes lines without a
+    newline to stderr (glued to the next log line): they become debug lines."""
+
+    def write(self, text: str) -> None:
+        if text.strip():
+            log.debug("websocket: %s", text.strip())
+
+    def writelines(self, lines: Iterable[str]) -> None:
+        for line in lines:
+            self.write(line)
+
+    def flush(self) -> None:
+        pass
+
+
+def transports(wsgi_app: Callable) -> Callable:
+    """What every Socket.IO request goes through first:
+
+    - permessage-deflate is refused: eventlet would compress every frame with
+      zlib state per connection, for JSON messages too small to gain from it
+      (the benchmark measured fan-out down a third and 2.5x the memory per
+      connection). Clients that offer it simply go on uncompressed;
+    - eventlet's websocket writes to a log (WebsocketLog), not to stderr;
+    - a long-polling POST above MAX_PAYLOAD_BYTES, which python-engineio
+      refuses and ends the session for, is logged with its size."""
+    errors = WebsocketLog()
+
     def app(environ: dict, start_response: Callable) -> Any:
         environ.pop("HTTP_SEC_WEBSOCKET_EXTENSIONS", None)
+        environ["wsgi.errors"] = errors
+        size = environ.get("CONTENT_LENGTH") or "0"
+        if size.isdigit() and int(size) > config.max_payload_bytes:
+            eio_sid = (parse_qs(environ.get("QUERY_STRING", "")).get("sid") or ["-"])[0]
+            log.info("closing sid=%s user=%s: a long-polling POST of %s bytes is above the"
+                     " limit of %d", sio.manager.sid_from_eio_sid(eio_sid, "/") or eio_sid,
+                     user_of_eio(eio_sid), size, config.max_payload_bytes)
         return wsgi_app(environ, start_response)
     return app
 
 
-app = without_websocket_compression(socketio.WSGIApp(sio, http_app))
+app = transports(socketio.WSGIApp(sio, http_app))
 
 
 # =============================================================================
@@ -1667,10 +1870,32 @@ def apply_websocket_mask(data: bytes, mask: bytes, length: int | None = None,
         length, "big")
 
 
+# What this server extends in the libraries, as of the versions pinned in
+# requirements.txt (see Server, CheckedWebSocket and apply_websocket_mask).
+LIBRARY_HOOKS = ((socketio.Server, "_handle_event_internal"),
+                 (socketio.Server, "_handle_eio_message"),
+                 (socketio.Server, "_handle_eio_connect"),
+                 (eventlet.websocket.RFC6455WebSocket, "_apply_mask"))
+
+
+def check_libraries() -> None:
+    """Other library versions may lack what this server extends, and it would
+    then fail in silence (acks without emits, frames unchecked): refuse to start."""
+    missing = [f"{owner.__module__}.{owner.__qualname__}.{name}"
+               for owner, name in LIBRARY_HOOKS if not callable(getattr(owner, name, None))]
+    if "websocket" not in getattr(sio.eio, "_async", {}):
+        missing.append("engineio.Server._async['websocket']")
+    if missing:
+        raise ConfigError(f"the installed libraries lack {', '.join(missing)};"
+                          " install the versions pinned in requirements.txt")
+
+
 def configure_socketio(cfg: Config) -> None:
     """Apply the settings that python-socketio reads at run time."""
+    check_libraries()
     sio.eio.cors_allowed_origins = cfg.cors_origins
     sio.eio.max_http_buffer_size = cfg.max_payload_bytes
+    sio.eio._async["websocket"] = CheckedWebSocket
     eventlet.websocket.RFC6455WebSocket._apply_mask = staticmethod(apply_websocket_mask)
     # A long-polling POST may batch many packets; python-engineio drops a batch
     # of more than 16 without a word. The body is bounded by the payload limit,

@@ -440,6 +440,7 @@ def test_a_payload_of_the_wrong_shape_answers_invalid_payload_with_detail(connec
     assert ack == {"error": "Invalid payload", "detail": "payload must be an object"}
 
 
+@pytest.mark.provokes_traceback
 def test_an_unexpected_exception_answers_internal_error_and_keeps_the_connection(start_server, connect):
     server = start_server()
     user = new_user_id()
@@ -520,6 +521,210 @@ def test_clients_cannot_send_the_reserved_connect_and_disconnect_events(server, 
 def test_more_than_one_argument_answers_invalid_payload(connect):
     tab = connect()
     assert tab.client.call("joinRoom", ("a", "b"), timeout=5)["error"] == "Invalid payload"
+
+
+# =============================================================================
+# 3b. Bad input: every finding of the fuzzer stays fixed
+# =============================================================================
+
+def raw_socket(server, connect_packet: str | None = "40"):
+    """A bare websocket, past the Engine.IO open (and the Socket.IO CONNECT)."""
+    ws = websocket.create_connection(server.url.replace("http", "ws")
+                                     + "/socket.io/?EIO=4&transport=websocket", timeout=5)
+    assert ws.recv().startswith("0")
+    if connect_packet is not None:
+        ws.send(connect_packet)
+        assert ws.recv().startswith("40")
+    return ws
+
+
+def close_frame(ws, timeout: float = 5) -> tuple[int | None, str, list]:
+    """Read until the server's close frame: (code, reason, frames before it)."""
+    ws.settimeout(timeout)
+    frames = []
+    while True:
+        opcode, data = ws.recv_data(control_frame=True)
+        if opcode == websocket.ABNF.OPCODE_CLOSE:
+            code = int.from_bytes(data[:2], "big") if len(data) >= 2 else None
+            return code, data[2:].decode(), frames
+        frames.append(data.decode() if opcode == websocket.ABNF.OPCODE_TEXT else data)
+
+
+def assert_others_are_served(server, connect) -> None:
+    """The positive control after a closed connection: the server goes on."""
+    assert server.get_json("/health") == {"ok": True}
+    assert connect(on=server).call("joinRoom", "still-here") == {"ok": True, "room": "still-here"}
+
+
+@pytest.mark.parametrize("field, value, error", [
+    ("price", 1e308, "Price mismatch for items.0 (catalogue price 100)"),
+    ("price", -1e308, "items.0.price must be a non-negative number"),
+    ("price", 5e-324, "Price mismatch for items.0 (catalogue price 100)"),
+    ("total", 1e308, "Total mismatch (expected 350)"),
+    ("total", -1e308, "Total mismatch (expected 350)"),
+    ("total", 1e300, "Total mismatch (expected 350)"),
+    ("quantity", 1e308, "Total mismatch (expected 1e+310)"),
+])
+def test_any_finite_number_in_an_order_gets_a_protocol_answer(connect, field, value, error):
+    order = json.loads(json.dumps(EXAMPLE_ORDER))
+    if field == "total":
+        order["total"] = value
+    else:
+        order["items"][0][field] = value
+    ack = connect(new_user_id()).call("order:create", order)
+    if field == "quantity":  # the expected total is 1e308 * 100 + 150, shown as a float
+        assert ack["error"].startswith("Total mismatch (expected "), ack
+    else:
+        assert ack == {"error": error}
+
+
+@pytest.mark.parametrize("quantity", [10 ** 20, 2 ** 63, 2 ** 64 + 1])
+def test_quantities_past_64_bits_are_insufficient_stock_not_a_storage_error(connect, quantity):
+    order = {"items": [{"product": TSHIRT, "quantity": quantity, "price": 100}],
+             "total": quantity * 100}
+    assert connect(new_user_id()).call("order:create", order) == {
+        "error": f"Insufficient stock for product {TSHIRT}"}
+
+
+SPOILED_FIELDS = [
+    ("notification:send", {"toUserId": "{}"}, "toUserId"),
+    ("notification:send", {"toUserId": "x", "title": "{}"}, "title"),
+    ("notification:send", {"toUserId": "x", "body": "{}"}, "body"),
+    ("notification:send", {"toUserId": "x", "meta": {"k": "{}"}}, "meta.k"),
+    ("notification:send", {"toUserId": "x", "meta": {"{}": 1}}, "a key of meta"),
+    ("order:create", {**EXAMPLE_ORDER, "paymentMethod": "{}"}, "paymentMethod"),
+    ("order:create", {**EXAMPLE_ORDER, "idempotencyKey": "{}"}, "idempotencyKey"),
+    ("order:create", {**EXAMPLE_ORDER, "shippingAddress": {"city": "{}"}}, "shippingAddress.city"),
+    ("order:create", {"items": [{"product": "{}", "quantity": 1, "price": 1}], "total": 1},
+     "items.0.product"),
+    ("joinRoom", "{}", "the payload"),
+    ("joinRoom", {"room": "{}"}, "room"),
+    ("leaveRoom", "{}", "the payload"),
+    ("message", {"room": "r", "text": "{}"}, "text"),
+    ("typing", {"toUserId": "{}"}, "toUserId"),
+    ("order:updateStatus", {"orderId": "64a1b2c3d4e5f67890123456", "status": "{}"}, "status"),
+]
+
+
+def spoiled(payload, text: str):
+    return json.loads(json.dumps(payload).replace("{}", text.encode("unicode_escape").decode()
+                                                  .replace("\\x00", "\\u0000")))
+
+
+@pytest.mark.parametrize("event, payload, field", SPOILED_FIELDS)
+@pytest.mark.parametrize("character, what", [
+    (chr(0xD800), "a lone UTF-16 surrogate (half of a character)"),
+    (chr(0xDFFF), "a lone UTF-16 surrogate (half of a character)"),
+    ("\x00", "a NUL character"),
+])
+def test_nul_and_lone_surrogates_are_invalid_payload_naming_the_field(
+        connect, event, payload, field, character, what):
+    ack = connect(new_user_id()).call(event, spoiled(payload, f"a{character}b"))
+    assert ack == {"error": "Invalid payload", "detail": f"{field} contains {what}"}
+
+
+def test_an_event_name_with_a_lone_surrogate_is_invalid_payload(connect):
+    assert connect().call("order:\ud800") == {
+        "error": "Invalid payload",
+        "detail": "the event name contains a lone UTF-16 surrogate (half of a character)"}
+
+
+def test_whole_characters_outside_the_bmp_reach_the_room_unchanged(connect):
+    room = new_user_id("room")
+    sender, member = connect(new_user_id()), connect()
+    for tab in (sender, member):
+        tab.call("joinRoom", room)
+    assert sender.call("message", {"room": room, "text": "a\ud800"})["error"] == "Invalid payload"
+    assert sender.call("message", {"room": room, "text": "🛒 cart\u2028ready"})["ok"] is True
+    # The valid message arrives, and it is the only one: the refused never left.
+    assert member.wait_for("message")["text"] == "🛒 cart\u2028ready"
+    assert [m["text"] for m in member.received("message")] == ["🛒 cart\u2028ready"]
+
+
+@pytest.mark.parametrize("claims", [{"sub": "a\ud800"}, {"sub": "a\x00"},
+                                    {"sub": "ok", "name": "Al\ud800"},
+                                    {"sub": "ok", "email": "a\x00@b"}])
+def test_token_claims_with_nul_or_lone_surrogates_are_an_invalid_token(connect, claims):
+    token = make_token(None, **claims)
+    assert connect(token=token).call("whoami") == {"error": "Unauthorized",
+                                                   "reason": "invalid token"}
+
+
+def test_a_token_string_with_a_lone_surrogate_is_an_invalid_token(connect):
+    assert connect(auth={"token": "Bearer \ud800"}).call("whoami") == {
+        "error": "Unauthorized", "reason": "invalid token"}
+
+
+@pytest.mark.parametrize("frame", ["hello", "", "9", "0", "bnot*base64"])
+def test_a_text_frame_that_is_not_an_engineio_packet_closes_with_1002(start_server, connect,
+                                                                      frame):
+    server = start_server()
+    ws = raw_socket(server)
+    ws.send(frame)
+    code, reason, frames = close_frame(ws)
+    assert (code, reason) == (1002, "not an Engine.IO packet" + (
+        ": bad base64" if frame.startswith("b") else ""))
+    assert not any(isinstance(f, str) and f.startswith("HTTP/") for f in frames)
+    assert_others_are_served(server, connect)
+    assert re.search(r"closing sid=\S+ user=-: not an Engine.IO packet.*websocket close 1002",
+                     server.stderr())
+
+
+@pytest.mark.parametrize("connect_first, garbage", [
+    (False, "4abc"),                  # the protocol test suite's invalid handshake
+    (True, "4abc"),                   # an unknown Socket.IO packet type
+    (True, '44{"message":"x"}'),      # CONNECT_ERROR is the server's to send
+    (True, b"\x00\x01"),              # a binary frame that is no attachment
+    (False, "40{not json"),           # a CONNECT whose auth is not JSON
+])
+def test_input_that_is_not_a_socketio_packet_closes_the_connection(start_server, connect,
+                                                                   connect_first, garbage):
+    server = start_server()
+    ws = raw_socket(server, "40" if connect_first else None)
+    if isinstance(garbage, bytes):
+        ws.send_binary(garbage)
+    else:
+        ws.send(garbage)
+    code, _, frames = close_frame(ws)
+    # Engine.IO's close packet, then a normal websocket close frame.
+    assert "1" in frames and code in (None, 1000)
+    assert_others_are_served(server, connect)
+    assert "not a Socket.IO packet" in server.stderr()
+
+
+def test_an_unknown_namespace_is_refused_with_invalid_namespace(server, connect):
+    ws = raw_socket(server, connect_packet=None)
+    ws.send("40/random,")
+    assert ws.recv() == '44/random,{"message":"Invalid namespace"}'
+    ws.send("40")                       # the default namespace still connects
+    assert ws.recv().startswith("40{")
+    ws.close()
+    client, refusals = socketio.Client(reconnection=False), []
+    client.on("connect_error", refusals.append, namespace="/chat")
+    with pytest.raises(socketio.exceptions.ConnectionError):
+        client.connect(server.url, namespaces=["/chat"], transports=["websocket"],
+                       wait_timeout=5)
+    client.disconnect()
+    assert refusals == [{"message": "Invalid namespace"}]
+
+
+def test_a_connection_that_never_sends_connect_is_closed_after_connect_timeout(start_server):
+    server = start_server(env={"CONNECT_TIMEOUT": "1s"})
+    silent, connected = raw_socket(server, None), raw_socket(server, "40")
+    started = time.monotonic()
+    code, _, frames = close_frame(silent, timeout=10)
+    assert 0.9 < time.monotonic() - started < 5 and "1" in frames and code in (None, 1000)
+    # The positive control: the socket that did connect is still served.
+    connected.send('421["joinRoom","r"]')
+    assert connected.recv() == '431[{"ok":true,"room":"r"}]'
+    assert "no Socket.IO CONNECT within 1s" in server.stderr()
+
+
+def test_connect_timeout_must_be_a_duration(tmp_path):
+    result = run_cli("--port", "0", "--db", str(tmp_path / "x.db"),
+                     env={"CONNECT_TIMEOUT": "soon"})
+    assert result.returncode == 2
+    assert "CONNECT_TIMEOUT: bad duration 'soon'" in result.stderr
 
 
 # =============================================================================
@@ -1258,6 +1463,41 @@ def test_a_packet_above_max_payload_bytes_closes_only_that_connection(start_serv
     assert sender.disconnected.wait(5)
     assert bystander.call("joinRoom", "r")["ok"] is True
     assert connect(on=server).call("joinRoom", "r")["ok"] is True
+
+
+@pytest.mark.parametrize("fragmented", [False, True])
+def test_an_oversized_websocket_message_closes_with_1009_and_one_log_line(start_server, connect,
+                                                                         fragmented):
+    server = start_server(env={"MAX_PAYLOAD_BYTES": "2000"})
+    user = new_user_id()
+    ws = raw_socket(server, "40" + json.dumps({"token": make_token(user)}))
+    message = '42["message",{"room":"r","text":"' + "x" * 5000 + '"}]'
+    if fragmented:  # frames below the limit, a message above it
+        parts = [message[n:n + 1000] for n in range(0, len(message), 1000)]
+        for n, part in enumerate(parts):
+            ws.send_frame(websocket.ABNF.create_frame(
+                part, websocket.ABNF.OPCODE_TEXT if n == 0 else websocket.ABNF.OPCODE_CONT,
+                fin=int(n == len(parts) - 1)))
+    else:
+        ws.send(message)
+    code, reason, _ = close_frame(ws)
+    assert code == 1009 and "above" in reason and "2000" in reason
+    assert_others_are_served(server, connect)
+    lines = [line for line in server.stderr().splitlines() if "websocket close 1009" in line]
+    assert len(lines) == 1 and f"user={user}" in lines[0], lines
+    assert f"{len(message)} bytes" in lines[0] or f"{len(message) + 2} bytes" in lines[0], lines
+    assert "socket shutdown error" not in server.stderr()
+
+
+def test_an_oversized_long_polling_post_is_logged_with_its_size(start_server, connect):
+    server = start_server(env={"MAX_PAYLOAD_BYTES": "2000"})
+    user = new_user_id()
+    sender = connect(user, on=server, transports=("polling",))
+    sender.client.emit("message", {"room": "r", "text": "x" * 5000})
+    server.wait_for_log(rf"closing sid={sender.sid} user={user}: a long-polling POST of \d+ bytes"
+                        r" is above the limit of 2000")
+    server.wait_for_log(rf"disconnect sid={sender.sid} user={user}")
+    assert_others_are_served(server, connect)
 
 
 BAD_INPUTS = [None, 0, -1, 1.5, True, "", "x" * 50_000, [], [1, "a", None], {"a": {"b": [{}]}},
