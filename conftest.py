@@ -56,8 +56,8 @@ class ServerProcess:
     """`python server.py` on a free port with its own database."""
 
     def __init__(self, workdir: Path, env: dict | None = None, args: tuple = (),
-                 db: Path | None = None) -> None:
-        self.workdir = workdir
+                 db: Path | None = None, script: Path = SERVER) -> None:
+        self.workdir, self.script = workdir, script
         self.db = db or workdir / "shop.db"
         self.env = {**os.environ, "JWT_SECRET": SECRET, "RATE_LIMITS": "off", **(env or {})}
         self.env = {k: v for k, v in self.env.items() if v is not None}
@@ -70,12 +70,12 @@ class ServerProcess:
         self.stderr_path = self.workdir / f"stderr-{next(_ids)}.txt"
         started_servers.append(self)
         self.proc = subprocess.Popen(
-            [sys.executable, str(SERVER), "--port", "0", "--db", str(self.db), *self.args],
+            [sys.executable, str(self.script), "--port", "0", "--db", str(self.db), *self.args],
             cwd=self.workdir, env=self.env,
             stdout=self.stdout_path.open("w"), stderr=self.stderr_path.open("w"))
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
-            match = re.search(r"listening on (http://\S+)", self.stdout())
+            match = re.search(r"\(tester page: (http://\S+?)/\)", self.stdout())
             if match:
                 self.url = match[1]
                 return self
@@ -237,8 +237,8 @@ def start_server(tmp_path):
     """Start a server of the test's own, e.g. start_server(env={"REQUIRE_AUTH": "1"})."""
     started = []
 
-    def start(env=None, args=(), db=None):
-        process = ServerProcess(tmp_path, env, args, db).start()
+    def start(env=None, args=(), db=None, script=SERVER):
+        process = ServerProcess(tmp_path, env, args, db, script).start()
         started.append(process)
         return process
 

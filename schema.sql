@@ -62,10 +62,22 @@ CREATE TABLE IF NOT EXISTS notifications (
 CREATE INDEX IF NOT EXISTS notifications_undelivered
     ON notifications (to_user_id, created_at) WHERE delivered_at IS NULL;
 
--- The demo catalogue. Existing rows are left alone, so stock survives restarts.
-INSERT INTO products (id, name, price_cents, stock) VALUES
+-- The demo catalogue as seeded: what `python server.py reset` puts back.
+CREATE TABLE IF NOT EXISTS demo_catalogue (
+    id          TEXT PRIMARY KEY,
+    name        TEXT NOT NULL,
+    price_cents INTEGER NOT NULL,
+    stock       INTEGER NOT NULL
+);
+INSERT INTO demo_catalogue (id, name, price_cents, stock) VALUES
     ('64a1b2c3d4e5f67890123456', 'Demo T-shirt',      10000,  50),
     ('64a1b2c3d4e5f67890123457', 'Demo Mug',          15000,  20),
     ('64a1b2c3d4e5f67890123458', 'Demo Sticker pack',  2500, 500),
     ('64a1b2c3d4e5f67890123459', 'Limited Poster',     4000,   1)
+ON CONFLICT (id) DO UPDATE SET name = excluded.name, price_cents = excluded.price_cents,
+                               stock = excluded.stock;
+
+-- The products it seeds. Existing rows are left alone, so stock survives restarts.
+INSERT INTO products (id, name, price_cents, stock)
+    SELECT id, name, price_cents, stock FROM demo_catalogue WHERE true
 ON CONFLICT (id) DO NOTHING;

@@ -24,7 +24,10 @@ eventlet.monkey_patch()
 import argparse
 import base64
 import bisect
+import errno
+import fcntl
 import functools
+import ipaddress
 import itertools
 import json
 import logging
@@ -67,8 +70,9 @@ warnings.filterwarnings("ignore", category=jwt.InsecureKeyLengthWarning)
 HERE = Path(__file__).resolve().parent
 SCHEMA_FILE = HERE / "schema.sql"
 TESTER_FILE = HERE / "ws-tester.html"
-# Installed by `npm ci`; served so that the tester and the Admin UI work offline.
-CLIENT_SCRIPT = HERE / "node_modules" / "socket.io-client" / "dist" / "socket.io.min.js"
+# The pinned socket.io-client browser build, shipped in vendor/ so that the
+# tester works offline from pip alone; the Admin UI comes with `npm ci`.
+CLIENT_SCRIPT = HERE / "vendor" / "socket.io.min.js"
 ADMIN_UI_DIR = HERE / "node_modules" / "@socket.io" / "admin-ui" / "ui" / "dist"
 CLIENT_SCRIPT_URL = "/vendor/socket.io.min.js"
 ADMIN_UI_URL = "/admin-ui/"
@@ -145,6 +149,7 @@ class Config:
     notify_queue: bool = True
     admin_ui: tuple[str, str] | None = None
     connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S
+    allowed_hosts: tuple[str, ...] = ()      # host names that may ask for dev tokens
     verbose: bool = False
 
 
@@ -224,6 +229,8 @@ def load_config(args: argparse.Namespace, env: Mapping[str, str]) -> Config:
         notify_queue=parse_flag("NOTIFY_QUEUE", env.get("NOTIFY_QUEUE", "1")),
         admin_ui=admin_ui,
         connect_timeout_s=connect_timeout,
+        allowed_hosts=tuple(host_name(h.strip()) for h in env.get("ALLOWED_HOSTS", "").split(",")
+                            if h.strip()),
         verbose=getattr(args, "verbose", False),
     )
 
@@ -314,10 +321,21 @@ class Storage:
         self.path: Path | None = None
         self.users_stored: dict[str, User] = {}
         self.checkpointer: Any = None
+        self.file_lock: Any = None
         self.stop_checkpoints: eventlet.queue.LightQueue = eventlet.queue.LightQueue()
 
-    def open(self, path: Path) -> None:
+    def open(self, path: Path, exclusive: bool = False) -> None:
+        """Open (and create) the database. Every server holds a shared lock on
+        the file while it runs; `reset` needs it exclusive, so it never pulls
+        the data from under a running server."""
         self.db, self.path = connect_database(path), path
+        self.file_lock = path.open("rb")
+        try:
+            fcntl.flock(self.file_lock, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+                        | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(f"a server is running on {path}: stop it (Ctrl-C), then run"
+                              " this again") from None
         self.db.row_factory = sqlite3.Row
         # WAL with synchronous=NORMAL: a commit survives a killed process
         # (not a power cut) and readers never wait for the writer.
@@ -362,6 +380,20 @@ class Storage:
         if self.db is not None:
             self.db.close()
             self.db = None
+            self.file_lock.close()
+
+    def reset(self) -> dict[str, int]:
+        """A fresh workshop: no orders, notifications or users, and the demo
+        catalogue at its seeded stock and prices. Returns the rows removed."""
+        with self.transaction() as db:
+            removed = {table: db.execute(f"DELETE FROM {table}").rowcount
+                       for table in ("order_items", "orders", "notifications", "users")}
+            db.execute(
+                "INSERT INTO products (id, name, price_cents, stock)"
+                " SELECT id, name, price_cents, stock FROM demo_catalogue WHERE true"
+                " ON CONFLICT (id) DO UPDATE SET name = excluded.name,"
+                " price_cents = excluded.price_cents, stock = excluded.stock")
+        return removed
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
@@ -583,13 +615,16 @@ def secret_file(database: Path) -> Path:
     return database.with_name(database.name + SECRET_SUFFIX)
 
 
-def load_secret(cfg: Config) -> str:
-    """JWT_SECRET, or a random dev secret created once beside the database."""
+def load_secret(cfg: Config, create: bool = True) -> str:
+    """JWT_SECRET, or a random dev secret created once beside the database
+    (by the server; `token` only reads it, see existing_secret)."""
     if cfg.jwt_secret:
         if len(cfg.jwt_secret.encode()) < 32:
             log.warning("JWT_SECRET is shorter than 32 bytes; use a longer random secret")
         return cfg.jwt_secret
     path = secret_file(cfg.database)
+    if not create:
+        return existing_secret(path, cfg.database)
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
@@ -599,6 +634,19 @@ def load_secret(cfg: Config) -> str:
     with os.fdopen(fd, "w", encoding="utf-8") as out:
         out.write(secrets.token_urlsafe(48) + "\n")
     return path.read_text(encoding="utf-8").strip()
+
+
+def existing_secret(path: Path, database: Path) -> str:
+    """The dev secret a server made for this database. A new one would sign
+    tokens that no running server accepts, so none is made here."""
+    try:
+        return path.read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        raise ConfigError(f"no dev secret at {path.resolve()}: a server makes it on its first start"
+                          f" with --db {database}; start it once, pass the --db the server uses,"
+                          " or set JWT_SECRET") from None
+    except OSError as error:
+        raise ConfigError(f"cannot read the dev secret {path}: {error.strerror}") from None
 
 
 jwt_secret = ""  # set by main()
@@ -1700,17 +1748,73 @@ def admin_credentials_match(header: str) -> bool:
 
 
 def dev_token(environ: dict, start_response: Callable) -> list[bytes]:
-    """Tokens for anyone who asks: only while the server runs on its dev secret."""
+    """Tokens for the tester page: only while the server runs on its dev
+    secret, and only for this server's own pages (see dev_token_refusal)."""
     if config.jwt_secret:
         return not_found(start_response)
+    refusal = dev_token_refusal(environ)
+    if refusal:
+        log.info("refused GET /dev/token: %s", refusal)
+        return json_response(start_response, {"error": refusal}, "403 Forbidden")
     query = parse_qs(environ.get("QUERY_STRING", ""))
     user_id = (query.get("user") or [""])[0].strip()
     role = (query.get("role") or ["user"])[0]
-    if not 1 <= len(user_id) <= USER_ID_MAX or role not in ("user", "admin"):
-        return json_response(start_response, {"error": "user (1-128 characters) is required"
-                                              " and role must be user or admin"},
-                             "400 Bad Request")
-    return json_response(start_response, {"token": issue_token(jwt_secret, user_id, role)})
+    name = (query.get("name") or [user_id])[0].strip() or user_id
+    if not 1 <= len(user_id) <= USER_ID_MAX or role not in ("user", "admin") \
+            or len(name) > USER_ID_MAX or UNSAFE_CHARACTER.search(user_id + name):
+        return json_response(start_response, {"error": "user (1-128 characters) is required,"
+                                              " role must be user or admin, and name at most"
+                                              " 128 characters"}, "400 Bad Request")
+    return json_response(start_response, {"token": issue_token(jwt_secret, user_id, role,
+                                                               name=name)})
+
+
+def dev_token_refusal(environ: dict) -> str | None:
+    """Why a request may not have a dev token, or None. A script on any other
+    site could otherwise read one and act as an admin: so a request from a
+    page of another origin is refused (and the route sends no CORS header),
+    and so is a Host that is neither an IP address, localhost, nor in
+    ALLOWED_HOSTS, which is what a DNS-rebinding page sends."""
+    host = environ.get("HTTP_HOST", "")
+    if not host_allowed(host):
+        return (f"Host {shown(host)!r} is not a name of this server (a DNS-rebinding page looks"
+                " like this); add it to ALLOWED_HOSTS to allow it")
+    origin = environ.get("HTTP_ORIGIN")
+    if origin is not None and origin not in (f"http://{host}", f"https://{host}") \
+            or environ.get("HTTP_SEC_FETCH_SITE", "same-origin") not in ("same-origin", "none"):
+        return (f"dev tokens are for this server's own pages, not for {shown(origin or 'another site')};"
+                " open the tester it serves, or use python server.py token USER")
+    return None
+
+
+def host_allowed(host: str) -> bool:
+    """A page can only be rebound to this server through a name: IP addresses
+    and localhost are safe, other names must be listed in ALLOWED_HOSTS."""
+    name = host_name(host)
+    if name == "localhost" or name in config.allowed_hosts or "*" in config.allowed_hosts:
+        return True
+    return is_ip_address(name)
+
+
+def host_name(host: str) -> str:
+    """'shop.lan:8000' -> 'shop.lan', '[::1]:8000' -> '::1'."""
+    if host.startswith("["):
+        return host[1:].partition("]")[0].lower()
+    return (host.partition(":")[0] if host.count(":") == 1 else host).lower()
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a bind address keeps the server to this machine."""
+    return host.lower() == "localhost" or is_ip_address(host) and ipaddress.ip_address(
+        host).is_loopback
+
+
+def is_ip_address(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
 
 
 ROUTES = {"/": tester_page, "/health": health, "/api/products": products,
@@ -1718,11 +1822,17 @@ ROUTES = {"/": tester_page, "/health": health, "/api/products": products,
           CLIENT_SCRIPT_URL: client_script}
 
 
+# Routes that no page of another origin may read: no CORS header, whatever CORS_ORIGINS says.
+SAME_ORIGIN_ROUTES = {"/dev/token"}
+
+
 def http_app(environ: dict, start_response: Callable) -> list[bytes]:
     def start_with_cors(status: str, headers: list) -> Any:
         """The same CORS_ORIGINS as the Socket.IO endpoint."""
         origin = environ.get("HTTP_ORIGIN")
-        if config.cors_origins == "*":
+        if path in SAME_ORIGIN_ROUTES:
+            pass
+        elif config.cors_origins == "*":
             headers.append(("Access-Control-Allow-Origin", "*"))
         elif origin in config.cors_origins:
             headers += [("Access-Control-Allow-Origin", origin), ("Vary", "Origin")]
@@ -1800,7 +1910,21 @@ class CheckedFrames:
             log.info("closing sid=%s user=%s: %s (websocket close %d%s)",
                      sio.manager.sid_from_eio_sid(self.eio_sid, "/") or self.eio_sid,
                      user_of_eio(self.eio_sid), close_data[1], close_data[0], seen)
+            drain(self.ws.socket)
         self.close_websocket(close_data)
+
+
+def drain(sock: Any, idle_s: float = 0.1, limit_s: float = 1.0) -> None:
+    """Read and drop what the client is still sending (the rest of a frame
+    too big to read). Closing a socket with unread data resets the connection,
+    and the close frame would be lost on its way: a browser would report 1006."""
+    deadline = time.monotonic() + limit_s
+    try:
+        sock.settimeout(idle_s)
+        while time.monotonic() < deadline and sock.recv(65536):
+            pass
+    except OSError:        # the idle timeout, or the client already left
+        pass
 
 
 class CheckedWebSocket(engineio_eventlet.WebSocketWSGI):
@@ -1910,9 +2034,17 @@ def configure_socketio(cfg: Config) -> None:
 
 
 def listen(cfg: Config) -> socket.socket:
+    """The listening socket, never shared: eventlet would set SO_REUSEPORT, and
+    a second server on the same port would then start without a word and get
+    half of the new connections (members of one room on two servers)."""
+    family = socket.AF_INET6 if ":" in cfg.host else socket.AF_INET
     try:
-        listener = eventlet.listen((cfg.host, cfg.port), backlog=LISTEN_BACKLOG)
+        listener = eventlet.listen((cfg.host, cfg.port), family=family, backlog=LISTEN_BACKLOG,
+                                   reuse_port=False)
     except OSError as error:
+        if error.errno == errno.EADDRINUSE:
+            raise ConfigError(f"port {cfg.port} is already in use on {cfg.host} (another"
+                              " server.py?): stop it, or choose another with --port") from None
         raise ConfigError(f"cannot listen on {cfg.host}:{cfg.port}: {error.strerror}") from None
     # Accepted sockets inherit TCP_NODELAY on Linux: small acks leave at once
     # instead of waiting ~40 ms for Nagle's algorithm.
@@ -1920,23 +2052,59 @@ def listen(cfg: Config) -> socket.socket:
     return listener
 
 
-def serve(cfg: Config) -> int:
+def open_database(cfg: Config, exclusive: bool = False) -> None:
     try:
-        store.open(cfg.database)
-    except sqlite3.Error as error:
+        store.open(cfg.database, exclusive)
+    except (sqlite3.Error, OSError) as error:
         raise ConfigError(f"cannot open database {str(cfg.database)!r}: {error}") from None
+
+
+def url_of(host: str, port: int) -> str:
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def print_banner(cfg: Config, port: int) -> None:
+    """Where to point a browser, and how to get in."""
+    if cfg.host in ("0.0.0.0", "::", ""):
+        local = url_of("127.0.0.1" if cfg.host != "::" else "::1", port)
+        print(f"Shop Realtime listening on all addresses, port {port}  (tester page: {local}/)")
+        others = [url_of(a, port) + "/" for a in machine_addresses()]
+        if others:
+            print(f"  from other machines: {'  '.join(others)}")
+    else:
+        url = url_of(cfg.host, port)
+        print(f"Shop Realtime listening on {url}  (tester page: {url}/)")
+    print(f"Database: {cfg.database}")
+    if cfg.jwt_secret:
+        print("Tokens: python server.py token USER (with the same JWT_SECRET) signs one")
+    else:
+        ttl = DEFAULT_TOKEN_TTL
+        print(f"Dev secret: {secret_file(cfg.database)} (set JWT_SECRET in production)")
+        print(f"  demo user : {issue_token(jwt_secret, 'demo-user', 'user', name='Demo User')}")
+        print(f"  demo admin: {issue_token(jwt_secret, 'demo-admin', 'admin', name='Demo Admin')}")
+        print(f"  (valid {ttl}; more with python server.py token USER, or the tester's buttons)")
+        if not is_loopback(cfg.host):
+            print(f"WARNING: listening on {cfg.host}, beyond this machine, on the dev secret:"
+                  f" anyone who can reach port {port} can mint user and admin tokens"
+                  " (GET /dev/token). Set JWT_SECRET to turn dev tokens off.")
+    print("Ctrl-C to stop.", flush=True)
+
+
+def machine_addresses() -> list[str]:
+    """This machine's own non-loopback IPv4 addresses, as its host name resolves."""
+    try:
+        found = socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET)
+    except OSError:
+        return []
+    return sorted({a[4][0] for a in found if not ipaddress.ip_address(a[4][0]).is_loopback})
+
+
+def serve(cfg: Config) -> int:
+    open_database(cfg)
     configure_socketio(cfg)
     limiter.limits = cfg.rate_limits
     listener = listen(cfg)
-    host, port = listener.getsockname()[:2]
-    url = f"http://{host}:{port}"
-    print(f"Shop Realtime listening on {url}  (tester page: {url}/)", flush=True)
-    print(f"Database: {cfg.database}", flush=True)
-    if not cfg.jwt_secret:
-        print(f"Dev secret: {secret_file(cfg.database)} (set JWT_SECRET in production)")
-        print(f"  demo user : {issue_token(jwt_secret, 'demo-user', 'user', name='Demo User')}")
-        print(f"  demo admin: {issue_token(jwt_secret, 'demo-admin', 'admin', name='Demo Admin')}",
-              flush=True)
+    print_banner(cfg, listener.getsockname()[1])
 
     stopping = []
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -1958,8 +2126,36 @@ def serve(cfg: Config) -> int:
     return 0
 
 
+def reset(cfg: Config) -> int:
+    open_database(cfg, exclusive=True)
+    removed = store.reset()
+    store.close()
+    print(f"Reset {cfg.database}: removed {removed['orders']} orders, {removed['notifications']}"
+          f" notifications and {removed['users']} users; the demo catalogue is back at its"
+          " seeded stock and prices.")
+    return 0
+
+
+ENVIRONMENT_HELP = """environment variables (flags win over them):
+  HOST, PORT, DATABASE  as --host, --port, --db
+  JWT_SECRET            HS256 secret of your tokens; unset: a dev secret in <db>.secret,
+                        demo tokens in the banner and at GET /dev/token
+  ALLOWED_HOSTS         host names that may ask for dev tokens besides IPs and localhost
+  REQUIRE_AUTH=1        as --require-auth
+  CORS_ORIGINS          allowed origins, comma list (default *)
+  RATE_LIMITS           e.g. message=20/10s,order:create=5/10s, or off
+  MAX_PAYLOAD_BYTES     largest Engine.IO packet (default 100000)
+  CONNECT_TIMEOUT       Engine.IO open without a Socket.IO CONNECT (default 45s)
+  NOTIFY_QUEUE=0        deliver notifications inline
+  ADMIN_UI=user:pass    the Socket.IO Admin UI at /admin-ui/ (after npm ci)
+  REDIS_URL             several processes through Redis (pip install -r requirements-redis.txt)
+"""
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="server.py", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="server.py", description=__doc__.split("\n\n")[0],
+                                     epilog=ENVIRONMENT_HELP,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--host", help=f"bind address (HOST, default {DEFAULT_HOST})")
     parser.add_argument("--port", help=f"port, 0 for any free one (PORT, default {DEFAULT_PORT})")
     parser.add_argument("--db", help=f"SQLite file (DATABASE, default {DEFAULT_DATABASE})")
@@ -1973,10 +2169,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     token.add_argument("--email")
     token.add_argument("--name")
     token.add_argument("--ttl", default=DEFAULT_TOKEN_TTL, help="lifetime, e.g. 30m, 24h, 7d")
-    token.add_argument("--db", dest="token_db", help="SQLite file whose dev secret signs it")
+    token.add_argument("--db", dest="command_db", help="SQLite file whose dev secret signs it")
+    again = commands.add_parser("reset", help="a fresh workshop: no orders, notifications or"
+                                " users, the demo catalogue at its seeded stock and prices")
+    again.add_argument("--db", dest="command_db", help="SQLite file to reset")
     args = parser.parse_args(argv)
-    if getattr(args, "token_db", None):
-        args.db = args.token_db
+    if getattr(args, "command_db", None):
+        args.db = args.command_db
     return args
 
 
@@ -1987,10 +2186,17 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(message)s")
     try:
         config = load_config(args, os.environ)
-        jwt_secret = load_secret(config)
+        if args.command == "reset":
+            return reset(config)
+        jwt_secret = load_secret(config, create=args.command != "token")
         if args.command == "token":
-            print(issue_token(jwt_secret, args.user_id, args.role, args.email, args.name,
-                              parse_duration(args.ttl)))
+            token = issue_token(jwt_secret, args.user_id, args.role, args.email, args.name,
+                                parse_duration(args.ttl))
+            print(token)
+            source = "JWT_SECRET" if config.jwt_secret else (
+                f"the dev secret {secret_file(config.database).resolve()}, which a server"
+                f" started with --db {config.database} uses")
+            print(f"signed with {source}", file=sys.stderr)
             return 0
         return serve(config)
     except ConfigError as error:

@@ -164,12 +164,12 @@ def test_dev_secret_is_created_once_with_mode_0600_and_demo_tokens_are_printed(s
 def test_token_command_prints_a_bearer_token_signed_with_the_server_secret(start_server,
                                                                            tmp_path, connect):
     db = tmp_path / "cli.db"
+    server = start_server(env={"JWT_SECRET": None}, db=db)
     done = run_cli("token", "alice", "--role", "admin", "--email", "a@example.com",
                    "--name", "Alice", "--ttl", "30m", "--db", str(db), env={"JWT_SECRET": ""})
     assert done.returncode == 0, done.stderr
     token = done.stdout.strip()
     assert token.startswith("Bearer ")
-    server = start_server(env={"JWT_SECRET": None}, db=db)
     tab = connect(token=token, on=server)
     assert tab.call("whoami") == {"userId": "alice", "role": "admin", "email": "a@example.com",
                                   "isVerified": False}
@@ -181,6 +181,115 @@ def test_token_command_uses_jwt_secret_when_set():
     done = run_cli("token", "bob", env={"JWT_SECRET": SECRET})
     claims = jwt.decode(done.stdout.strip()[7:], SECRET, algorithms=["HS256"])
     assert claims["sub"] == "bob" and claims["role"] == "user"
+
+
+def test_a_taken_port_stops_a_second_server_with_exit_2_while_the_first_serves(start_server,
+                                                                              tmp_path, connect):
+    first = start_server()
+    port = first.url.rsplit(":", 1)[1]
+    second = run_cli("--port", port, "--db", str(tmp_path / "second.db"),
+                     env={"JWT_SECRET": SECRET})
+    assert second.returncode == 2
+    assert second.stderr.strip() == (f"server.py: error: port {port} is already in use on"
+                                     " 127.0.0.1 (another server.py?): stop it, or choose"
+                                     " another with --port")
+    assert connect(on=first).call("joinRoom", "still-mine")["ok"] is True
+
+
+def test_the_banner_says_how_to_stop_and_how_long_demo_tokens_last(start_server):
+    banner = start_server(env={"JWT_SECRET": None}).stdout()
+    assert "Ctrl-C to stop." in banner and "(valid 24h; more with python server.py token USER" \
+        in banner
+    banner = start_server().stdout()
+    assert "Tokens: python server.py token USER (with the same JWT_SECRET)" in banner
+    assert "demo user" not in banner
+
+
+def test_listening_on_all_addresses_prints_urls_one_can_open(start_server):
+    server = start_server(args=("--host", "0.0.0.0"))
+    assert "listening on all addresses" in server.stdout()
+    assert server.url.startswith("http://127.0.0.1:")
+    assert server.get_json("/health") == {"ok": True}
+
+
+def test_an_ipv6_loopback_host_works(start_server, connect):
+    if not socket.has_ipv6:
+        pytest.fail("this machine has no IPv6; the test needs ::1")
+    server = start_server(args=("--host", "::1"))
+    assert server.url.startswith("http://[::1]:")
+    assert server.get_json("/health") == {"ok": True}
+    assert connect(new_user_id(), on=server).call("whoami")["role"] == "user"
+
+
+def test_help_lists_the_environment_variables():
+    done = run_cli("--help")
+    assert done.returncode == 0
+    for name in ("JWT_SECRET", "ALLOWED_HOSTS", "RATE_LIMITS", "MAX_PAYLOAD_BYTES",
+                 "CONNECT_TIMEOUT", "REDIS_URL", "CORS_ORIGINS", "ADMIN_UI", "NOTIFY_QUEUE"):
+        assert name in done.stdout, name
+
+
+def test_reset_brings_back_the_seeded_catalogue_and_removes_orders_notifications_and_users(
+        start_server, tmp_path, connect):
+    db = tmp_path / "workshop.db"
+    server = start_server(db=db)
+    buyer, offline = new_user_id(), new_user_id()
+    tab = connect(buyer, on=server)
+    order = tab.call("order:create", {"items": [{"product": MUG, "quantity": 3, "price": 150}],
+                                      "total": 450})["order"]
+    assert tab.call("order:updateStatus", {"orderId": order["_id"], "status": "paid"})["ok"]
+    assert tab.call("notification:send", {"toUserId": offline, "title": "before"})["ok"]
+    assert server.stock(MUG) == 17
+    tab.close()
+    server.stop()
+
+    done = run_cli("reset", "--db", str(db))
+    assert done.returncode == 0, done.stderr
+    assert "removed 1 orders, 1 notifications and 1 users" in done.stdout
+
+    server = start_server(db=db)
+    assert {p["_id"]: (p["price"], p["stock"]) for p in server.get_json("/api/products")} == {
+        TSHIRT: (100, 50), MUG: (150, 20), STICKERS: (25, 500), POSTER: (40, 1)}
+    tab = connect(buyer, on=server)
+    assert tab.call("order:updateStatus", {"orderId": order["_id"], "status": "cancelled"}) == {
+        "error": "Order not found"}
+    # The notification saved before the reset is gone: the recipient gets only the new one.
+    assert tab.call("notification:send", {"toUserId": offline, "title": "after"})["ok"]
+    recipient = connect(offline, on=server)
+    assert recipient.wait_for("notification:received")["title"] == "after"
+    settle()
+    assert [n["title"] for n in recipient.received("notification:received")] == ["after"]
+    rows = sqlite3.connect(db).execute("SELECT count(*) FROM users").fetchone()[0]
+    assert rows == 2   # the two who connected after the reset
+
+
+def test_reset_refuses_while_a_server_runs_on_the_file(start_server, tmp_path):
+    db = tmp_path / "busy.db"
+    server = start_server(db=db)
+    done = run_cli("reset", "--db", str(db))
+    assert done.returncode == 2
+    assert f"a server is running on {db}: stop it (Ctrl-C), then run this again" in done.stderr
+    server.stop()
+    assert run_cli("reset", "--db", str(db)).returncode == 0   # the positive control
+
+
+def test_token_says_on_stderr_which_secret_signed_it(start_server, tmp_path, connect):
+    db = tmp_path / "elsewhere.db"
+    server = start_server(env={"JWT_SECRET": None}, db=db)
+    done = run_cli("token", "alice", "--db", str(db), cwd=tmp_path.parent,
+                   env={"JWT_SECRET": ""})
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.strip() == (f"signed with the dev secret {db}.secret, which a server"
+                                   f" started with --db {db} uses")
+    assert connect(token=done.stdout.strip(), on=server).call("whoami")["userId"] == "alice"
+
+
+def test_token_never_makes_a_dev_secret_that_no_server_uses(tmp_path):
+    done = run_cli("token", "alice", cwd=tmp_path, env={"JWT_SECRET": ""})
+    assert done.returncode == 2 and done.stdout == ""
+    assert f"no dev secret at {tmp_path / 'app.db.secret'}" in done.stderr
+    assert "set JWT_SECRET" in done.stderr
+    assert not (tmp_path / "app.db.secret").exists()
 
 
 @pytest.mark.parametrize("args, env, message", [
@@ -214,6 +323,76 @@ def test_dev_token_route_issues_tokens_while_on_the_dev_secret(start_server, con
 
 def test_dev_token_route_is_404_once_jwt_secret_is_set(server):
     assert server.get("/dev/token?user=carol")[0] == 404
+
+
+def dev_token_request(server, query="user=mallory&role=admin", **headers):
+    return requests.get(f"{server.url}/dev/token?{query}", headers=headers, timeout=5)
+
+
+def test_dev_tokens_carry_a_name_defaulting_to_the_user_id(start_server):
+    server = start_server(env={"JWT_SECRET": None})
+    secret = (server.db.parent / (server.db.name + ".secret")).read_text().strip()
+
+    def claims(query):
+        token = server.get_json(f"/dev/token?{query}")["token"].removeprefix("Bearer ")
+        return jwt.decode(token, secret, algorithms=["HS256"])
+
+    assert claims("user=alice")["name"] == "alice"
+    assert claims("user=alice&name=Alice%20Liddell")["name"] == "Alice Liddell"
+
+
+@pytest.mark.parametrize("headers", [{"Origin": "http://evil.example"}, {"Origin": "null"},
+                                     {"Sec-Fetch-Site": "cross-site"}])
+def test_a_dev_token_is_refused_to_pages_of_other_origins(start_server, headers):
+    server = start_server(env={"JWT_SECRET": None})
+    response = dev_token_request(server, **headers)
+    assert response.status_code == 403
+    assert "dev tokens are for this server's own pages" in response.json()["error"]
+    assert "token" not in response.json()
+    assert "Access-Control-Allow-Origin" not in response.headers
+    # The positive control: the same request from the server's own page is served.
+    own = dev_token_request(server, Origin=server.url, **{"Sec-Fetch-Site": "same-origin"})
+    assert own.status_code == 200 and own.json()["token"].startswith("Bearer ")
+    assert "Access-Control-Allow-Origin" not in own.headers
+
+
+def test_the_dev_token_route_sends_no_cors_header_while_the_others_keep_theirs(start_server):
+    server = start_server(env={"JWT_SECRET": None})
+    assert dev_token_request(server).status_code == 200
+    assert "Access-Control-Allow-Origin" not in dev_token_request(server).headers
+    assert requests.get(server.url + "/api/products", headers={"Origin": "http://x.test"},
+                        timeout=5).headers["Access-Control-Allow-Origin"] == "*"
+
+
+@pytest.mark.parametrize("host, allowed", [
+    ("evil.example:{port}", False), ("rebound.test", False),
+    ("localhost:{port}", True), ("127.0.0.1:{port}", True), ("[::1]:{port}", True),
+    ("192.168.1.20:{port}", True),
+])
+def test_a_dev_token_needs_a_host_that_cannot_be_rebound(start_server, host, allowed):
+    server = start_server(env={"JWT_SECRET": None})
+    port = server.url.rsplit(":", 1)[1]
+    response = dev_token_request(server, Host=host.format(port=port))
+    assert response.status_code == (200 if allowed else 403)
+    if not allowed:
+        assert "ALLOWED_HOSTS" in response.json()["error"]
+
+
+def test_allowed_hosts_lets_a_workshop_use_a_lan_name(start_server):
+    server = start_server(env={"JWT_SECRET": None, "ALLOWED_HOSTS": "shop.lan, Other.Lan:8000"})
+    for host in ("shop.lan:8000", "other.lan", "SHOP.LAN"):
+        assert dev_token_request(server, Host=host).status_code == 200, host
+    assert dev_token_request(server, Host="evil.example").status_code == 403
+
+
+def test_a_non_loopback_bind_on_the_dev_secret_warns_that_anyone_can_mint_tokens(start_server):
+    warning = "anyone who can reach port"
+    exposed = start_server(env={"JWT_SECRET": None}, args=("--host", "0.0.0.0"))
+    assert warning in exposed.stdout() and "Set JWT_SECRET to turn dev tokens off" in \
+        exposed.stdout()
+    # The positive controls: on loopback, or with JWT_SECRET, there is nothing to warn of.
+    assert warning not in start_server(env={"JWT_SECRET": None}).stdout()
+    assert warning not in start_server(args=("--host", "0.0.0.0")).stdout()
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])

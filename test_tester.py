@@ -6,17 +6,22 @@ test that the page works offline.
 """
 
 import base64
+import hashlib
 import http.client
+import http.server
+import json
 import os
 import re
 import shutil
 import socket
+import threading
+import urllib.parse
 from pathlib import Path
 
 import pytest
 from playwright.sync_api import expect, sync_playwright
 
-from conftest import SERVER
+from conftest import SERVER, free_port
 
 CHROMIUM = os.environ.get("CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_FLAGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic",
@@ -94,7 +99,7 @@ def open_tester(browser):
 
 def test_the_original_flow_by_clicking_as_a_user_and_an_admin(dev_server, open_tester, tmp_path):
     user, admin = open_tester(dev_server.url), open_tester(dev_server.url)
-    expect(user.log).to_contain_text("socket.io-client loaded from this server")
+    expect(user.log).to_contain_text(f"socket.io-client loaded from the server at {dev_server.url}")
 
     user.connect_as("demo user")
     expect(user.log).to_contain_text(f"CONNECTED: {user.socket_id()}")
@@ -203,6 +208,8 @@ def test_a_dropped_server_shows_reconnect_attempts_and_the_page_recovers(start_s
     server = start_server(env={"JWT_SECRET": None}, args=("--port", str(port)), db=db)
     tab = open_tester(server.url)
     tab.connect_as("demo user")
+    tab.send("joinRoom")
+    expect(tab.page.locator("#rooms")).to_have_text("lobby")
     first_id = tab.socket_id()
     server.stop()
     expect(tab.log).to_contain_text("DISCONNECTED: transport close")
@@ -214,6 +221,11 @@ def test_a_dropped_server_shows_reconnect_attempts_and_the_page_recovers(start_s
     assert tab.socket_id() != first_id
     tab.send("whoami")
     expect(tab.ack("whoami")).to_contain_text('"userId": "demo-user"')
+    # The new socket is in the room again: the page rejoined it, and the server agrees.
+    expect(tab.log).to_contain_text("rejoined room lobby after reconnecting")
+    expect(tab.page.locator("#rooms")).to_have_text("lobby")
+    tab.send("message")
+    expect(tab.ack("message")).to_contain_text('"sentTo": "room:lobby"')
 
 
 def test_filter_pause_clear_and_copy(dev_server, open_tester):
@@ -260,12 +272,92 @@ def test_opened_from_disk_it_loads_the_pinned_cdn_build_checked_by_its_hash(dev_
     page.wait_for_function("window.testerReady === true")
     expect(page.locator("#log")).to_contain_text("socket.io-client loaded from the CDN")
     page.locator("#url").fill(dev_server.url)
+    # From disk the demo buttons cannot get a token (the server serves them to
+    # its own pages only): the page says so, and a token from the banner works.
     page.get_by_role("button", name="demo admin").click()
-    expect(page.locator("#token")).to_have_value(re.compile("^Bearer "))
+    expect(page.locator("#identity-hint")).to_contain_text(
+        f"demo tokens need the page the server serves: open {dev_server.url}/")
+    banner_token = re.search(r"demo admin: (Bearer \S+)", dev_server.stdout())[1]
+    page.locator("#token").fill(banner_token)
     page.get_by_role("button", name="Connect", exact=True).click()
     expect(page.locator("#log")).to_contain_text("CONNECTED: ")
     assert errors == []
     context.close()
+
+
+STEAL_A_TOKEN = """async (server) => {
+  const seen = {};
+  try {
+    const response = await fetch(server + "/dev/token?user=mallory&role=admin");
+    seen.read = await response.text();
+  } catch (error) { seen.refused = String(error); }
+  try {  // no-cors: the request goes out, the answer stays opaque (or is blocked)
+    const opaque = await fetch(server + "/dev/token?user=mallory&role=admin", {mode: "no-cors"});
+    seen.opaque = await opaque.text();
+  } catch (error) { seen.opaque = String(error); }
+  seen.products = (await (await fetch(server + "/api/products")).json()).length;
+  return seen;
+}"""
+
+
+class AnotherSite(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = b"<!doctype html><title>another site</title>"
+        self.send_response(200)
+        self.send_header("Content-Type", "text/html")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def another_site():
+    """A web page of another origin, served on loopback like any site would be."""
+    site = http.server.ThreadingHTTPServer(("127.0.0.1", 0), AnotherSite)
+    threading.Thread(target=site.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{site.server_address[1]}"
+    site.shutdown()
+    site.server_close()
+
+
+def test_a_page_of_another_origin_cannot_read_a_dev_token(dev_server, browser, another_site):
+    other_origin = another_site
+    context = browser.new_context()
+    page = context.new_page()
+    page.goto(f"{other_origin}/page.html")
+    seen = page.evaluate(STEAL_A_TOKEN, dev_server.url)
+    context.close()
+    assert "read" not in seen and "Failed to fetch" in seen["refused"]
+    assert "Bearer" not in seen["opaque"]
+    # The positive control: the same page reads the public catalogue cross-origin.
+    assert seen["products"] == 4
+    assert f"dev tokens are for this server's own pages, not for {other_origin}" in \
+        dev_server.stderr()
+
+
+def test_a_rebound_host_name_cannot_get_a_dev_token(start_server, browser):
+    """A DNS-rebinding page: evil.example resolves to this machine, so the page
+    is same-origin with the server as far as the browser knows."""
+    refused = start_server(env={"JWT_SECRET": None})
+    listed = start_server(env={"JWT_SECRET": None, "ALLOWED_HOSTS": "evil.example"})
+    rebinding = browser.browser_type.launch(executable_path=CHROMIUM, args=[
+        *CHROMIUM_FLAGS, "--host-resolver-rules=MAP evil.example 127.0.0.1"])
+    try:
+        for server, allowed in [(refused, False), (listed, True)]:
+            port = server.url.rsplit(":", 1)[1]
+            tab = PageTab(rebinding, f"http://evil.example:{port}/")
+            tab.page.get_by_role("button", name="demo admin").click()
+            if allowed:  # the positive control: a listed name is served
+                expect(tab.page.locator("#token")).to_have_value(re.compile("^Bearer "))
+            else:
+                expect(tab.page.locator("#identity-hint")).to_contain_text("ALLOWED_HOSTS")
+                expect(tab.page.locator("#token")).to_have_value("")
+            tab.close()
+    finally:
+        rebinding.close()
 
 
 def test_the_page_fits_a_phone_screen(dev_server, open_tester, tmp_path):
@@ -315,3 +407,145 @@ def test_the_admin_ui_is_absent_without_admin_ui(server, open_tester):
     assert server.get("/admin-ui/")[0] == 404
     tab = open_tester(server.url)
     expect(tab.page.get_by_role("link", name="Admin UI")).to_be_hidden()
+
+
+# -- a workshop day: offline from pip alone, on a laptop and a phone ------------
+
+def test_the_shipped_client_is_the_pinned_build_byte_for_byte():
+    pinned = json.loads((SERVER.parent / "package.json").read_text())["dependencies"][
+        "socket.io-client"]
+    shipped = (SERVER.parent / "vendor" / "socket.io.min.js").read_bytes()
+    assert CLIENT_SCRIPT.exists(), "run npm ci: the test compares with the npm build"
+    assert json.loads((CLIENT_SCRIPT.parent.parent / "package.json").read_text())[
+        "version"] == pinned
+    assert shipped == CLIENT_SCRIPT.read_bytes()
+    assert shipped.startswith(f"/*!\n * Socket.IO v{pinned}\n".encode())
+    assert b"Released under the MIT License." in shipped[:200]
+    page = (SERVER.parent / "ws-tester.html").read_text()
+    integrity = "sha384-" + base64.b64encode(hashlib.sha384(shipped).digest()).decode()
+    assert f"socket.io-client@{pinned}/dist/socket.io.min.js" in page and integrity in page
+
+
+def checkout_without_npm(tmp_path) -> Path:
+    """What pip alone leaves: the project's files, no node_modules."""
+    checkout = tmp_path / "checkout"
+    checkout.mkdir()
+    for name in ("server.py", "schema.sql", "ws-tester.html"):
+        shutil.copy(SERVER.parent / name, checkout / name)
+    shutil.copytree(SERVER.parent / "vendor", checkout / "vendor")
+    return checkout
+
+
+def loopback_only(context) -> list[str]:
+    """Every request off this machine fails, as on a workshop laptop offline."""
+    blocked = []
+
+    def route(route):
+        host = urllib.parse.urlsplit(route.request.url).hostname
+        if route.request.url.startswith("file:") or host in ("127.0.0.1", "localhost", "::1"):
+            route.continue_()
+        else:
+            blocked.append(route.request.url)
+            route.abort()
+    context.route("**/*", route)
+    return blocked
+
+
+def test_a_checkout_without_npm_serves_a_tester_that_works_offline(start_server, browser,
+                                                                  tmp_path):
+    checkout = checkout_without_npm(tmp_path)
+    server = start_server(env={"JWT_SECRET": None}, script=checkout / "server.py")
+    context = browser.new_context()
+    blocked = loopback_only(context)
+    page = context.new_page()
+    page.goto(server.url + "/")
+    page.wait_for_function("window.testerReady === true")
+    page.get_by_role("button", name="demo user").click()
+    page.get_by_role("button", name="Connect", exact=True).click()
+    expect(page.locator("#status")).to_contain_text("connected ·")
+    page.locator('form[data-event="whoami"]').get_by_role("button", name="Send").click()
+    expect(page.locator('form[data-event="whoami"] .ack')).to_contain_text('"userId": "demo-user"')
+    context.close()
+    assert blocked == []   # it never even tried the CDN
+
+
+def test_opened_from_disk_it_loads_the_client_from_the_typed_server_first(start_server, browser,
+                                                                         tmp_path):
+    checkout = checkout_without_npm(tmp_path)
+    server = start_server(env={"JWT_SECRET": None}, script=checkout / "server.py")
+    context = browser.new_context()
+    loopback_only(context)
+    page = context.new_page()
+    page.goto((checkout / "ws-tester.html").as_uri())
+    page.wait_for_function("window.testerReady === true")
+    page.locator("#url").fill(server.url)
+    page.locator("#token").fill(re.search(r"demo user : (Bearer \S+)", server.stdout())[1])
+    page.get_by_role("button", name="Connect", exact=True).click()
+    expect(page.locator("#log")).to_contain_text(
+        f"socket.io-client loaded from the server at {server.url}")
+    expect(page.locator("#status")).to_contain_text("connected ·")
+    context.close()
+
+
+def test_without_any_client_script_the_page_says_so_plainly(browser, tmp_path):
+    context = browser.new_context()
+    loopback_only(context)
+    page = context.new_page()
+    page.goto((checkout_without_npm(tmp_path) / "ws-tester.html").as_uri())
+    page.wait_for_function("window.testerReady === true")
+    page.locator("#url").fill(f"http://127.0.0.1:{free_port()}")   # nothing listens there
+    page.get_by_role("button", name="Connect", exact=True).click()
+    expect(page.locator("#status")).to_have_text("no Socket.IO client")
+    page.locator('form[data-event="whoami"]').get_by_role("button", name="Send").click()
+    ack = page.locator('form[data-event="whoami"] .ack')
+    expect(ack).to_contain_text("Nothing can be sent: the Socket.IO client script could not be"
+                                " loaded")
+    expect(ack).not_to_contain_text("press Connect first")
+    context.close()
+
+
+@pytest.mark.parametrize("viewport", [{"width": 1280, "height": 900}, {"width": 390, "height": 844}],
+                         ids=["laptop", "phone"])
+def test_the_connection_bar_reads_in_the_order_it_is_used(dev_server, open_tester, tmp_path,
+                                                          viewport):
+    tab = open_tester(dev_server.url, viewport=viewport)
+    page = tab.page
+    box = {name: page.locator(selector).bounding_box() for name, selector in {
+        "identity": "#identities", "token": "#token", "url": "#url", "transport": "#transport",
+        "connect": "#connect", "disconnect": "#disconnect"}.items()}
+    assert box["identity"]["y"] < box["token"]["y"] < box["url"]["y"]      # who, then where,
+    assert box["token"]["y"] + box["token"]["height"] < box["connect"]["y"]  # then Connect
+    assert box["connect"]["y"] == box["disconnect"]["y"]          # side by side, not stacked
+    for name, b in box.items():                                     # nothing off the screen
+        assert 0 <= b["x"] and b["x"] + b["width"] <= viewport["width"], name
+    # The transport select shows its whole option.
+    fit = page.evaluate("""() => {  // text and arrow, against the width the select has
+        const select = document.querySelector('#transport');
+        const canvas = document.createElement('canvas').getContext('2d');
+        canvas.font = getComputedStyle(select).font;
+        return [canvas.measureText(select.selectedOptions[0].text).width + 24, select.clientWidth];
+    }""")
+    assert fit[0] <= fit[1], fit
+    page.screenshot(path=tmp_path / f"tester-{viewport['width']}.png", full_page=False)
+    tab.connect_as("demo user")
+    page.evaluate("window.scrollTo(0, document.body.scrollHeight)")
+    status = page.locator("#status").bounding_box()
+    assert 0 <= status["y"] < viewport["height"]                    # the status stays in view
+    if viewport["width"] < 720:                                     # the log is one tap away
+        page.get_by_role("link", name="Log ↓").click()
+        expect(page.locator("#log-title")).to_be_in_viewport()
+    page.screenshot(path=tmp_path / f"tester-{viewport['width']}-scrolled.png")
+    assert tab.console_errors == []
+
+
+def test_an_ack_cut_off_by_the_server_closing_shows_the_close_and_its_reason(start_server,
+                                                                            open_tester):
+    server = start_server(env={"JWT_SECRET": None, "MAX_PAYLOAD_BYTES": "2000"})
+    tab = open_tester(server.url)
+    tab.connect_as("demo user")
+    tab.card("message").locator("textarea").fill(json.dumps({"room": "lobby", "text": "x" * 5000}))
+    tab.send("message")
+    expect(tab.ack("message")).to_contain_text(
+        "the connection closed before the ack: transport close (websocket close 1009: Incoming"
+        " frame of")
+    expect(tab.ack("message")).not_to_contain_text("no ack within")

@@ -1,14 +1,29 @@
+// The whole flow on the official client: node examples/flow.mjs [URL]
 import { io } from "socket.io-client";
 
 const URL = process.argv[2] ?? "http://127.0.0.1:8000";
-const token = async (user, role = "user") =>
-  (await (await fetch(`${URL}/dev/token?user=${user}&role=${role}`)).json()).token;
+const fail = (message) => { console.error(message); process.exit(1); };
+const token = async (user, role = "user") => {
+  const response = await fetch(`${URL}/dev/token?user=${user}&role=${role}`)
+    .catch((error) => fail(`cannot reach ${URL}: ${error.cause?.code ?? error.message}`));
+  const body = await response.json();
+  return body.token ?? fail(`no dev token (${response.status}): ${body.error}`);
+};
 const connect = async (user, role) => {
   const socket = io(URL, { transports: ["websocket"], auth: { token: await token(user, role) } });
   await new Promise((resolve, reject) => { socket.on("connect", resolve); socket.on("connect_error", reject); });
   return socket;
 };
-const call = (socket, event, payload) => socket.timeout(5000).emitWithAck(event, payload);
+// Every ack is checked: an error stops the script with the server's own words.
+const call = async (socket, event, payload) => {
+  const ack = await socket.timeout(5000).emitWithAck(event, payload);
+  if (ack && typeof ack === "object" && "error" in ack) {
+    const detail = ack.detail ? ` (${ack.detail})` : "";
+    fail(`${event} failed: ${ack.error}${detail}` +
+      (/Insufficient stock/.test(ack.error) ? " — python server.py reset restocks the demo catalogue" : ""));
+  }
+  return ack;
+};
 
 const alice = await connect("alice");
 const admin = await connect("admin-1", "admin");

@@ -1,0 +1,141 @@
+"""A workshop day: the README on a fresh machine, the examples, a live shop.
+
+What a presenter and the people in the room run, run here against real
+servers: the README's links and tables, examples/flow.mjs on the official
+JavaScript client when something goes wrong, and examples/shoppers.py filling
+the shop that an admin watches.
+"""
+
+import json
+import re
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+from conftest import MUG, SECRET, SERVER, make_token, new_user_id, settle
+
+README = (SERVER.parent / "README.md").read_text()
+SHOPPERS = SERVER.parent / "examples" / "shoppers.py"
+FLOW = SERVER.parent / "examples" / "flow.mjs"
+
+
+def github_anchor(heading: str) -> str:
+    """The id GitHub gives a Markdown heading."""
+    text = re.sub(r"[`*_]|\[([^]]*)\]\([^)]*\)", r"\1", heading).strip().lower()
+    return re.sub(r"[^\w\- ]", "", text).replace(" ", "-")
+
+
+def test_every_readme_link_to_an_anchor_or_a_file_resolves():
+    prose = re.sub(r"```.*?```", "", README, flags=re.DOTALL)
+    anchors = {github_anchor(h) for h in re.findall(r"^#+ (.+)$", prose, re.MULTILINE)}
+    links = re.findall(r"\]\(([^)\s]+)\)", prose)
+    assert links
+    for link in links:
+        if link.startswith("#"):
+            assert link[1:] in anchors, f"README links to {link}, which no heading makes"
+        elif not re.match(r"https?://", link):
+            assert (SERVER.parent / link).exists(), f"README links to a missing file {link}"
+
+
+def test_the_readme_rate_limit_table_holds_the_servers_defaults():
+    script = "import json, server; print(json.dumps(server.DEFAULT_RATE_LIMITS))"
+    done = subprocess.run([sys.executable, "-c", script], cwd=SERVER.parent,
+                          capture_output=True, text=True, timeout=30, check=True)
+    defaults = {event: tuple(limit) for event, limit in json.loads(done.stdout).items()}
+    rows = re.findall(r"^\| (.+?) \| (\d+) per (\d+) s \|$",
+                      README.split("### Rate limits", 1)[1], re.MULTILINE)
+    table = {re.findall(r"`([^`]+)`", cell)[-1]: (int(count), float(window))
+             for cell, count, window in rows}
+    assert table == defaults
+
+
+def run_flow(server) -> subprocess.CompletedProcess:
+    return subprocess.run(["node", str(FLOW), server.url], cwd=FLOW.parent, text=True,
+                          capture_output=True, timeout=60, check=False)
+
+
+def test_the_flow_example_stops_with_the_servers_error_when_the_mug_is_sold_out(start_server):
+    server = start_server(env={"JWT_SECRET": None})
+    with sqlite3.connect(server.db) as db:
+        db.execute("UPDATE products SET stock = 0 WHERE id = ?", (MUG,))
+    done = run_flow(server)
+    assert done.returncode == 1
+    assert done.stderr.strip() == (f"order:create failed: Insufficient stock for product {MUG}"
+                                   " — python server.py reset restocks the demo catalogue")
+    assert "message { ok: true" in done.stdout   # what came before the order ran
+
+
+def test_the_flow_example_says_when_the_server_gives_no_dev_tokens(start_server):
+    done = run_flow(start_server())   # JWT_SECRET set: /dev/token is 404
+    assert done.returncode == 1
+    assert done.stderr.strip() == "no dev token (404): Not found"
+    assert "TypeError" not in done.stderr
+
+
+def run_shoppers(server, *args, timeout=60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SHOPPERS), "--url", server.url, *args],
+                          capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def test_shoppers_fill_the_lobby_with_a_shop_that_an_admin_watches(start_server, connect):
+    server = start_server(env={"JWT_SECRET": None})
+    token = server.get_json(f"/dev/token?user={new_user_id('presenter')}&role=admin")["token"]
+    admin = connect(token=token, on=server)
+    assert admin.call("whoami")["role"] == "admin" and admin.call("joinRoom", "lobby")["ok"]
+    done = run_shoppers(server, "--shoppers", "3", "--seconds", "5", "--rate", "10",
+                        "--seed", "7")
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""
+    assert {m["from"]["id"] for m in admin.received("message")} <= {
+        "shopper-1", "shopper-2", "shopper-3"}
+    for event in ("message", "typing", "order:created", "order:updated",
+                  "product:stockUpdated"):
+        assert admin.received(event), f"the admin saw no {event}"
+    lines = done.stdout.splitlines()
+    assert sum("joinRoom" in line and line.endswith("ok") for line in lines) == 3
+    assert any("✕" in line for line in lines)   # a mistake now and then, with its error
+    assert any("order:updateStatus paid" in line and line.endswith("ok") for line in lines)
+
+
+def test_shoppers_never_sell_the_catalogue_out(start_server, connect):
+    server = start_server(env={"JWT_SECRET": None})
+    watcher = connect(on=server)
+    done = run_shoppers(server, "--shoppers", "4", "--seconds", "8", "--rate", "40",
+                        "--seed", "3")
+    assert done.returncode == 0, done.stderr
+    updates = watcher.received("product:stockUpdated")
+    assert any(u["delta"] < 0 for u in updates) and any(u["delta"] > 0 for u in updates)
+    assert min(u["stock"] for u in updates) >= 5
+    assert "Insufficient stock" not in done.stdout
+
+
+def test_shoppers_read_tokens_from_a_file_when_the_server_has_jwt_secret(start_server,
+                                                                        tmp_path):
+    server = start_server(env={"JWT_SECRET": SECRET})
+    refused = run_shoppers(server, "--shoppers", "2", "--seconds", "1")
+    assert refused.returncode != 0 and "--tokens FILE" in refused.stderr
+    tokens = tmp_path / "tokens.txt"
+    tokens.write_text("".join(make_token(f"shopper-{n}") + "\n" for n in (1, 2)))
+    done = run_shoppers(server, "--shoppers", "2", "--seconds", "1", "--tokens", str(tokens))
+    assert done.returncode == 0, done.stderr
+    assert sum("joinRoom" in line and line.endswith("ok") for line in done.stdout.splitlines()) \
+        == 2
+
+
+def test_shoppers_stop_cleanly_on_ctrl_c(start_server):
+    server = start_server(env={"JWT_SECRET": None})
+    shoppers = subprocess.Popen([sys.executable, str(SHOPPERS), "--url", server.url,
+                                 "--shoppers", "2"], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 20
+    seen = ""
+    while seen.count("joinRoom") < 2 and time.monotonic() < deadline:
+        seen += shoppers.stdout.readline()
+    assert seen.count("joinRoom") == 2, seen
+    settle(1)
+    shoppers.send_signal(signal.SIGINT)
+    out, err = shoppers.communicate(timeout=20)
+    assert shoppers.returncode == 0, err
+    assert "stopping: the shoppers leave" in out and "Traceback" not in err
