@@ -30,7 +30,21 @@ MUG = "64a1b2c3d4e5f67890123457"
 STICKERS = "64a1b2c3d4e5f67890123458"
 POSTER = "64a1b2c3d4e5f67890123459"
 
+# The original document's example order.
+EXAMPLE_ORDER = {
+    "items": [{"product": TSHIRT, "quantity": 2, "price": 100},
+              {"product": MUG, "quantity": 1, "price": 150}],
+    "total": 350,
+}
+
+
+def one_item_order(product=STICKERS, quantity=1, price=25, **extra):
+    return {"items": [{"product": product, "quantity": quantity, "price": price}],
+            "total": round(price * quantity, 2), **extra}
+
+
 NOTHING = object()
+FENCE = "fence-"        # rooms of Tab.fence
 _ids = itertools.count(1)
 # What a server must never write: a traceback is a bug by definition, and so
 # are the lines eventlet and logging write when something is left unhandled.
@@ -171,8 +185,19 @@ class Tab:
         return self.client.call(event, (payload,), timeout=timeout)
 
     def received(self, event: str) -> list:
+        """Every `event` so far (a fence's own messages left out)."""
         with self.changed:
-            return [data for name, data in self.events if name == event]
+            return [data for name, data in self.events if name == event
+                    and not (name == "message" and str(data.get("room")).startswith(FENCE))]
+
+    def fence(self) -> None:
+        """A round trip to this tab through the server, for "nothing arrived":
+        the server sends a socket's events in order, so whatever it sent this
+        tab before the fence message has arrived once the fence has."""
+        room, marker = f"{FENCE}{self.sid}", f"fence {next(_ids)}"
+        assert self.call("joinRoom", room)["ok"]
+        assert self.call("message", {"room": room, "text": marker})["ok"]
+        self.wait_for("message", lambda data: data["text"] == marker)
 
     def wait_for(self, event: str, match=lambda data: True, timeout: float = WAIT_S):
         deadline = time.monotonic() + timeout

@@ -134,7 +134,8 @@ def test_the_original_flow_by_clicking_as_a_user_and_an_admin(dev_server, open_t
         expect(tab.log).to_contain_text("← product:stockUpdated")
         expect(tab.log).to_contain_text('"delta": -2')
 
-    admin.card("order:updateStatus").get_by_role("button", name="order:updateStatus to shipped").click()
+    admin.card("order:updateStatus").get_by_role(
+        "button", name="order:updateStatus to shipped").click()
     expect(admin.ack("order:updateStatus")).to_contain_text('"status": "shipped"')
     expect(user.log).to_contain_text('"status": "shipped"')
 
@@ -383,7 +384,8 @@ def test_the_admin_ui_is_served_locally_behind_its_credentials(start_server, ope
         connection.close()
     connection = http.client.HTTPConnection(host, int(port), timeout=5)
     auth = base64.b64encode(b"teacher:s3cret").decode()
-    connection.request("GET", "/admin-ui/../../../server.py", headers={"Authorization": f"Basic {auth}"})
+    connection.request("GET", "/admin-ui/../../../server.py",
+                       headers={"Authorization": f"Basic {auth}"})
     assert connection.getresponse().status == 404
     tab = open_tester(server.url)
     expect(tab.page.get_by_role("link", name="Admin UI")).to_have_attribute("href", "/admin-ui/")
@@ -504,8 +506,8 @@ def test_without_any_client_script_the_page_says_so_plainly(browser, tmp_path):
     context.close()
 
 
-@pytest.mark.parametrize("viewport", [{"width": 1280, "height": 900}, {"width": 390, "height": 844}],
-                         ids=["laptop", "phone"])
+@pytest.mark.parametrize("viewport", [{"width": 1280, "height": 900},
+                                      {"width": 390, "height": 844}], ids=["laptop", "phone"])
 def test_the_connection_bar_reads_in_the_order_it_is_used(dev_server, open_tester, tmp_path,
                                                           viewport):
     tab = open_tester(dev_server.url, viewport=viewport)

@@ -2,11 +2,13 @@
 
     python bench/run.py                  # every scenario, 3 interleaved rounds
     python bench/run.py --rounds 5 --seconds 5 --only acks fanout-1000
+    python bench/run.py --against HEAD~1 # this server.py against another commit's
+    python bench/run.py --against HEAD   # A/A: how far two runs of one server spread
 
 Each measurement starts the server under test on a free port with a fresh
 database and rate limits off, pinned to CPU 0 (taskset), and the load generator
 (bench/load.mjs, the official socket.io-client on Node.js) pinned to CPU 1.
-Rounds interleave server.py and the ceiling so that machine noise hits both.
+Rounds interleave the two servers so that machine noise hits both.
 Needs `npm ci` (socket.io-client) and `taskset` (util-linux).
 """
 
@@ -20,6 +22,7 @@ import sqlite3
 import statistics
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -56,10 +59,10 @@ def rss_bytes(pid: int) -> int:
 
 def start(kind: str, workdir: Path) -> tuple[subprocess.Popen, str]:
     db = workdir / "bench.db"
-    if kind == "server.py":
+    if kind != "ceiling":
         # Stock that never runs out, so payments measure the write path, not refusals.
         with sqlite3.connect(db) as connection:
-            connection.executescript((ROOT / "schema.sql").read_text())
+            connection.executescript((SERVERS[kind].parent / "schema.sql").read_text())
             connection.execute("UPDATE products SET stock = 1000000000")
         connection.close()
     env = {**os.environ, "JWT_SECRET": SECRET, "RATE_LIMITS": "off"}
@@ -109,6 +112,17 @@ def measure(kind: str, scenario: str, seconds: float, deflate: bool) -> dict:
                 server.wait()
 
 
+def checkout(rev: str) -> Path:
+    """The project's files at a commit, in a temporary folder (git archive)."""
+    folder = Path(tempfile.mkdtemp(prefix="bench-"))
+    archive = folder / "rev.tar"
+    with archive.open("wb") as out:
+        subprocess.run(["git", "-C", str(ROOT), "archive", rev], stdout=out, check=True)
+    with tarfile.open(archive) as tar:
+        tar.extractall(folder / "tree", filter="data")
+    return folder / "tree"
+
+
 def fmt(value: float | None, digits: int = 0) -> str:
     return "-" if value is None else f"{value:,.{digits}f}"
 
@@ -120,7 +134,12 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", choices=list(SCENARIOS), help="scenarios to run")
     parser.add_argument("--deflate", choices=("off", "on", "both"), default="both",
                         help="clients offering permessage-deflate")
+    parser.add_argument("--against", metavar="REV",
+                        help="compare with server.py at a git commit instead of the ceiling")
     args = parser.parse_args()
+    if args.against:
+        SERVERS.pop("ceiling")
+        SERVERS[args.against] = checkout(args.against) / "server.py"
     for tool in ("taskset", "node"):
         if not shutil.which(tool):
             sys.exit(f"bench/run.py needs {tool}")
@@ -132,14 +151,21 @@ def main() -> None:
     scenarios = args.only or list(SCENARIOS)
     variants = {"off": [False], "on": [True], "both": [False, True]}[args.deflate]
     results: dict[tuple, list[dict]] = {}
+
+    def deflates(scenario: str) -> list[bool]:
+        """Long-polling has no permessage-deflate to offer."""
+        return [False] if SCENARIOS[scenario][0].get("transport") == "polling" else variants
     for round_number in range(1, args.rounds + 1):
         for scenario in scenarios:
-            for deflate in variants if SCENARIOS[scenario][0].get("transport") != "polling" else [False]:
+            for deflate in deflates(scenario):
                 for kind in SERVERS if round_number % 2 else reversed(SERVERS):
                     result = measure(kind, scenario, args.seconds, deflate)
                     results.setdefault((scenario, deflate, kind), []).append(result)
-                    print(f"round {round_number} {scenario:12} deflate={'on ' if deflate else 'off'}"
-                          f" {kind:9} {result['rate']:10,.0f}/s  failures={result['failures']}",
+                    print(f"round {round_number} {scenario:12}"
+                          f" deflate={'on ' if deflate else 'off'} {kind:9}"
+                          f" {result['rate']:10,.0f}/s"
+                          f" per-cpu-s={result['perServerCpuSecond']:9,.0f}"
+                          f"  failures={result['failures']}",
                           file=sys.stderr, flush=True)
 
     def median(key, field):
@@ -148,13 +174,14 @@ def main() -> None:
 
     print(f"\nMedians of {args.rounds} rounds, {args.seconds:g} s windows; server on CPU 0,"
           " load generator on CPU 1.\n")
-    print("| scenario | deflate | figure | server.py | ceiling | ratio | per server-CPU-s"
-          " (server.py / ceiling) | p50 ms | p99 ms (server.py / ceiling) | memory/conn"
-          " (server.py / ceiling) | generator CPU | failures |")
+    other = next(kind for kind in SERVERS if kind != "server.py")   # the ceiling, or --against
+    pair = f"(server.py / {other})"
+    print(f"| scenario | deflate | figure | server.py | {other} | ratio | per server-CPU-s {pair}"
+          f" | p50 ms | p99 ms {pair} | memory/conn {pair} | generator CPU | failures |")
     print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for scenario in scenarios:
-        for deflate in variants if SCENARIOS[scenario][0].get("transport") != "polling" else [False]:
-            ours, ceiling = (scenario, deflate, "server.py"), (scenario, deflate, "ceiling")
+        for deflate in deflates(scenario):
+            ours, ceiling = (scenario, deflate, "server.py"), (scenario, deflate, other)
             rate, top = median(ours, "rate"), median(ceiling, "rate")
             memory = ""
             if median(ours, "bytesPerConnection") is not None:
@@ -163,20 +190,22 @@ def main() -> None:
             failures = sum(r["failures"] for r in results[ours] + results[ceiling])
             print(f"| {scenario} | {'on' if deflate else 'off'} | {SCENARIOS[scenario][1]}"
                   f" | {fmt(rate)} | {fmt(top)} | {fmt(rate / top if top else None, 2)}"
-                  f" | {fmt(median(ours, 'perServerCpuSecond'))} / {fmt(median(ceiling, 'perServerCpuSecond'))}"
+                  f" | {fmt(median(ours, 'perServerCpuSecond'))}"
+                  f" / {fmt(median(ceiling, 'perServerCpuSecond'))}"
                   f" | {fmt(median(ours, 'p50'), 2)} / {fmt(median(ceiling, 'p50'), 2)}"
                   f" | {fmt(median(ours, 'p99'), 2)} / {fmt(median(ceiling, 'p99'), 2)}"
                   f" | {memory}"
-                  f" | {fmt(100 * median(ours, 'generatorCpu'))}% / {fmt(100 * median(ceiling, 'generatorCpu'))}%"
+                  f" | {fmt(100 * median(ours, 'generatorCpu'))}%"
+                  f" / {fmt(100 * median(ceiling, 'generatorCpu'))}%"
                   f" | {failures} |")
     if any(r.get("connectRate") for rs in results.values() for r in rs):
-        print("\nConnect rate (connections/s, server.py / ceiling):")
+        print(f"\nConnect rate (connections/s, {pair}):")
         for scenario in scenarios:
             if SCENARIOS[scenario][0]["scenario"] == "connections":
                 for deflate in variants:
                     print(f"- {scenario} deflate={'on' if deflate else 'off'}:"
                           f" {fmt(median((scenario, deflate, 'server.py'), 'connectRate'))} /"
-                          f" {fmt(median((scenario, deflate, 'ceiling'), 'connectRate'))}")
+                          f" {fmt(median((scenario, deflate, other), 'connectRate'))}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,292 @@
+"""The pure parts of server.py, imported and called directly: settings,
+money, tokens, payload parsing, room names and the order rules.
+
+Importing server.py starts nothing, patches nothing and opens nothing, so
+these run in milliseconds; what they decide is also tested end to end over
+real sockets in test_server.py.
+"""
+
+import argparse
+import subprocess
+import sys
+import time
+
+import jwt
+import pytest
+
+import server
+from conftest import MUG, SERVER, TSHIRT
+from server import ConfigError, Product, Refusal, User
+
+NO_FLAGS = argparse.Namespace(host=None, port=None, db=None, require_auth=False, verbose=False)
+
+
+def refusal(call, *args) -> dict:
+    with pytest.raises(Refusal) as refused:
+        call(*args)
+    return refused.value.ack
+
+
+# -- importing -----------------------------------------------------------------
+
+def test_importing_server_starts_patches_and_opens_nothing(tmp_path):
+    script = ("import threading, warnings; warnings.simplefilter('ignore');"
+              "import server, eventlet.patcher;"
+              "assert not any(eventlet.patcher.is_monkey_patched(module) for module in"
+              " ('socket', 'thread', 'time', 'select', 'os'));"
+              "assert threading.active_count() == 1;"
+              "print('clean')")
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=30, check=False,
+                          env={"PYTHONPATH": str(SERVER.parent), "PATH": "/usr/bin:/bin"})
+    assert done.returncode == 0 and done.stdout.strip() == "clean", done.stderr
+    assert list(tmp_path.iterdir()) == []       # no database, no secret, no log
+
+
+# -- settings --------------------------------------------------------------------
+
+def test_no_settings_give_the_documented_defaults():
+    cfg = server.load_config(NO_FLAGS, {})
+    assert (cfg.host, cfg.port, str(cfg.database)) == ("127.0.0.1", 8000, "app.db")
+    assert cfg.jwt_secret is None and cfg.redis_url is None and cfg.cors_origins == "*"
+    assert cfg.max_payload_bytes == 100_000 and cfg.connect_timeout_s == 45
+    assert cfg.rate_limits == server.DEFAULT_RATE_LIMITS and cfg.notify_queue is True
+
+
+def test_flags_win_over_the_environment():
+    flags = argparse.Namespace(host="0.0.0.0", port="9001", db="x.db", require_auth=True,
+                               verbose=False)
+    cfg = server.load_config(flags, {"HOST": "127.0.0.2", "PORT": "9002", "DATABASE": "y.db",
+                                     "REQUIRE_AUTH": "0"})
+    assert (cfg.host, cfg.port, str(cfg.database), cfg.require_auth) == \
+        ("0.0.0.0", 9001, "x.db", True)
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"PORT": "http"}, "port must be a number from 0 to 65535, got 'http'"),
+    ({"PORT": "70000"}, "port must be a number from 0 to 65535, got '70000'"),
+    ({"RATE_LIMITS": "message=lots"}, "RATE_LIMITS: 'message=lots' is not event=N/window"),
+    ({"RATE_LIMITS": "mesage=5/10s"}, "RATE_LIMITS: unknown event 'mesage'"),
+    ({"RATE_LIMITS": "message=5/soon"}, "RATE_LIMITS: bad duration 'soon'"),
+    ({"RATE_LIMITS": "message=0/10s"}, "RATE_LIMITS: message needs at least 1 event per window"),
+    ({"MAX_PAYLOAD_BYTES": "big"}, "MAX_PAYLOAD_BYTES must be a whole number >= 1000"),
+    ({"MAX_PAYLOAD_BYTES": "999"}, "MAX_PAYLOAD_BYTES must be a whole number >= 1000"),
+    ({"REQUIRE_AUTH": "maybe"}, "REQUIRE_AUTH must be 1 or 0, got 'maybe'"),
+    ({"NOTIFY_QUEUE": "sometimes"}, "NOTIFY_QUEUE must be 1 or 0"),
+    ({"ADMIN_UI": "nopassword"}, "ADMIN_UI must be user:password"),
+    ({"CONNECT_TIMEOUT": "soon"}, "CONNECT_TIMEOUT: bad duration 'soon'"),
+])
+def test_a_bad_setting_is_a_config_error_that_names_it(env, message):
+    with pytest.raises(ConfigError, match="^" + message.replace("(", r"\(").replace("*", r"\*")):
+        server.load_config(NO_FLAGS, env)
+
+
+@pytest.mark.parametrize("text, seconds", [("500ms", 0.5), ("10s", 10), ("5m", 300),
+                                           ("24h", 86400), ("7d", 604800), ("2.5", 2.5)])
+def test_durations(text, seconds):
+    assert server.parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "0s", "-1s", "soon", "10 years"])
+def test_a_duration_must_be_positive_with_a_known_unit(text):
+    with pytest.raises(ConfigError):
+        server.parse_duration(text)
+
+
+def test_rate_limits_override_the_defaults_event_by_event():
+    limits = server.parse_rate_limits("message=5/10s, order:create=1/1m, *=100/1s")
+    assert limits["message"] == (5, 10) and limits["order:create"] == (1, 60)
+    assert limits["*"] == (100, 1) and limits["typing"] == server.DEFAULT_RATE_LIMITS["typing"]
+    assert server.parse_rate_limits("off") is None and server.parse_rate_limits(" OFF ") is None
+
+
+def test_allowed_hosts_are_host_names_without_ports():
+    cfg = server.load_config(NO_FLAGS, {"ALLOWED_HOSTS": "Shop.Lan:8000, other.lan"})
+    assert cfg.allowed_hosts == ("shop.lan", "other.lan")
+
+
+# -- money -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("amount, cents", [(350, 35000), (19.99, 1999), (0.1, 10), (0.015, 2),
+                                           (99.995, 10000), (5e-324, 0), (0, 0),
+                                           (1e308, 10 ** 310), (-1e308, -(10 ** 310))])
+def test_money_becomes_whole_cents_half_up_whatever_its_size(amount, cents):
+    assert server.to_cents(amount) == cents
+
+
+def test_cents_print_as_the_original_numbers():
+    assert (server.from_cents(35000), server.from_cents(1999)) == (350, 19.99)
+
+
+# -- tokens ---------------------------------------------------------------------------
+
+SECRET = "unit-secret-unit-secret-unit-secret-unit"
+
+
+def token(secret=SECRET, **claims) -> str:
+    return jwt.encode({"exp": int(time.time()) + 60, **claims}, secret, algorithm="HS256")
+
+
+@pytest.mark.parametrize("claims, user_id", [({"sub": "a"}, "a"), ({"id": 42}, "42"),
+                                             ({"userId": "u"}, "u"), ({"_id": "m"}, "m"),
+                                             ({"sub": "", "id": "b"}, "b")])
+def test_the_user_id_comes_from_sub_else_id_userid_or__id(claims, user_id):
+    user, why = server.authenticate("Bearer " + token(**claims), SECRET)
+    assert (user.id, why) == (user_id, "")
+
+
+@pytest.mark.parametrize("given, why", [
+    (None, "no token"), ("", "no token"), ("Bearer ", "no token"), (42, "invalid token"),
+    ("Bearer not-a-jwt", "invalid token"), (token(secret="another-secret-" * 3, sub="a"),
+                                            "invalid token"),
+    (token(sub="a", exp=int(time.time()) - 120), "token expired"),
+    (token(role="admin"), "invalid token"),             # no id claim
+    (token(sub="a\x00"), "invalid token"), (token(sub="a", name="\ud800"), "invalid token"),
+    (jwt.encode({"sub": "a"}, None, algorithm="none"), "invalid token"),
+])
+def test_a_token_that_names_nobody_is_anonymous_with_the_reason(given, why):
+    assert server.authenticate(given, SECRET) == (None, why)
+
+
+def test_claims_give_role_email_name_and_verification():
+    user, _ = server.authenticate(token(sub="a", role="admin", email="a@x.io", name="Al",
+                                        isVerified=True), SECRET)
+    assert user == User("a", "admin", "a@x.io", "Al", True)
+    user, _ = server.authenticate(token(sub="a", role="root", isVerified="yes"), SECRET)
+    assert (user.role, user.is_verified) == ("user", False)
+
+
+def test_issued_tokens_carry_name_and_lifetime():
+    claims = jwt.decode(server.issue_token(SECRET, "alice", "admin", name="Alice", ttl_s=60)[7:],
+                        SECRET, algorithms=["HS256"])
+    assert (claims["sub"], claims["role"], claims["name"]) == ("alice", "admin", "Alice")
+    assert claims["exp"] - claims["iat"] == 60
+
+
+# -- payloads ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("data, room", [("lobby", "lobby"), ({"room": " lobby "}, "lobby"),
+                                        ("x" * 64, "x" * 64)])
+def test_room_names_are_1_to_64_characters_after_trimming(data, room):
+    assert server.room_name(data) == room
+
+
+@pytest.mark.parametrize("data", ["", "   ", "x" * 65, 5, None, {"room": []}])
+def test_other_room_names_are_invalid_payload(data):
+    assert refusal(server.room_name, data)["error"] == "Invalid payload"
+
+
+ORDER = {"items": [{"product": TSHIRT, "quantity": 2, "price": 100},
+                   {"product": MUG, "quantity": 1, "price": 150}], "total": 350}
+
+
+def test_an_order_request_is_read_in_cents():
+    request = server.parse_order_request(ORDER)
+    assert request.items == [(TSHIRT, 2, 10000), (MUG, 1, 15000)]
+    assert request.total_cents == 35000 and request.product_ids == {TSHIRT, MUG}
+
+
+@pytest.mark.parametrize("change, error", [
+    ({"items": []}, "items must be a non-empty array"),
+    ({"items": [{"product": TSHIRT, "quantity": 1, "price": 1}] * 101}, "too many items"),
+    ({"items": [{"product": "x", "quantity": 1, "price": 1}]},
+     'Cast to ObjectId failed for value "x" at path "items.0.product"'),
+    ({"items": [{"product": TSHIRT, "quantity": 1}]}, "items.0.price: Path 'price' is required"),
+    ({"items": [{"product": TSHIRT, "price": 1}]},
+     "items.0.quantity: Path 'quantity' is required"),
+    ({"items": [{"product": TSHIRT, "quantity": True, "price": 1}]},
+     "items.0.quantity must be a positive integer"),
+    ({"items": [{"product": TSHIRT, "quantity": 1, "price": -1}]},
+     "items.0.price must be a non-negative number"),
+    ({"total": None}, "total: Path 'total' is required"),
+    ({"total": "350"}, "total must be a number"),
+])
+def test_order_requests_fail_with_the_protocols_first_message(change, error):
+    assert refusal(server.parse_order_request, {**ORDER, **change}) == {"error": error}
+
+
+CATALOGUE = {TSHIRT: Product(10000, 50), MUG: Product(15000, 1)}
+
+
+def test_an_order_that_matches_the_catalogue_passes_its_rules():
+    server.check_order(server.parse_order_request(ORDER), CATALOGUE)
+
+
+@pytest.mark.parametrize("order, error", [
+    ({**ORDER, "items": [{"product": "64a1b2c3d4e5f678901234ff", "quantity": 1, "price": 1}]},
+     "Product not found: 64a1b2c3d4e5f678901234ff"),
+    ({**ORDER, "items": [{"product": MUG, "quantity": 1, "price": 1e308}], "total": 150},
+     "Price mismatch for items.0 (catalogue price 150)"),
+    ({**ORDER, "total": 1e300}, "Total mismatch (expected 350)"),
+    ({"items": [{"product": MUG, "quantity": 2, "price": 150}], "total": 300},
+     f"Insufficient stock for product {MUG}"),
+])
+def test_orders_against_the_catalogue_fail_first_failure_first(order, error):
+    assert refusal(server.check_order, server.parse_order_request(order), CATALOGUE) == {
+        "error": error}
+
+
+OWNER, OTHER, ADMIN = User("owner"), User("other"), User("boss", "admin")
+
+
+@pytest.mark.parametrize("user, current, target, error", [
+    (OWNER, None, "paid", "Order not found"),
+    (OTHER, "pending", "paid", "Access denied"),
+    (OWNER, "pending", "lost", "Invalid status"),
+    (OWNER, "pending", "shipped", "Invalid status transition: pending -> shipped"),
+    (OWNER, "paid", "shipped", "Access denied"),
+    (ADMIN, "completed", "cancelled", "Invalid status transition: completed -> cancelled"),
+])
+def test_status_changes_follow_the_transitions_and_who_may_make_them(user, current, target,
+                                                                       error):
+    owner = None if current is None else "owner"
+    assert refusal(server.check_status_change, user, owner, current, target) == {"error": error}
+
+
+def test_setting_the_status_an_order_has_changes_nothing():
+    assert server.check_status_change(OWNER, "owner", "paid", "paid") is False
+    assert server.check_status_change(ADMIN, "owner", "paid", "shipped") is True
+
+
+@pytest.mark.parametrize("current, target, sign", [("pending", "paid", -1),
+                                                   ("paid", "cancelled", +1),
+                                                   ("pending", "cancelled", 0),
+                                                   ("paid", "shipped", 0)])
+def test_stock_moves_entering_paid_and_back_from_paid_to_cancelled(current, target, sign):
+    assert server.stock_movement(current, target) == sign
+
+
+def test_notification_defaults_and_bounds():
+    to, fields = server.parse_notification({"toUserId": "bob"})
+    assert to == "bob" and (fields["type"], fields["priority"]) == ("info", "normal")
+    assert refusal(server.parse_notification, {"toUserId": " "}) == {
+        "error": "toUserId is required"}
+    assert refusal(server.parse_notification, {"toUserId": "b", "type": "x"}) == {
+        "error": "Invalid type"}
+    assert refusal(server.parse_notification, {"toUserId": "b", "title": "t" * 201})[
+        "detail"] == "title must be at most 200 characters"
+
+
+@pytest.mark.parametrize("value, why", [
+    ({"a": ["ok", {"b": "\x00"}]}, "a.1.b contains a NUL character"),
+    ({"k\ud800": 1}, "a key of the payload contains a lone UTF-16 surrogate (half of a character)"),
+    ("😀 fine", None),
+])
+def test_strings_with_nul_or_lone_surrogates_are_found_by_their_path(value, why):
+    assert server.unsafe_text(value) == why
+
+
+@pytest.mark.parametrize("frame, problem", [("hello", 1002), ("", 1002), ("0", 1002),
+                                            ("b!!", 1002), ("x" * 2001, 1009), ("42[]", None),
+                                            ("2", None), (b"\x01", None)])
+def test_websocket_frames_that_are_not_engineio_packets(frame, problem):
+    found = server.frame_problem(frame, 2000)
+    assert (found and found[0]) == problem
+
+
+@pytest.mark.parametrize("host, allowed", [("localhost:8000", True), ("127.0.0.1", True),
+                                           ("[::1]:8000", True), ("10.0.0.5:8000", True),
+                                           ("evil.example:8000", False),
+                                           ("shop.lan:8000", True)])
+def test_dev_token_hosts_are_ip_addresses_localhost_or_listed(host, allowed):
+    assert server.host_allowed(host, ("shop.lan",)) is allowed
