@@ -1474,13 +1474,13 @@ def stock_movement(current: str | None, target: str) -> int:
 # Each stays because the benchmark shows it pays: `python bench/run.py --against
 # REV` (README "Performance"), this server against the same commit without it,
 # 3 interleaved rounds of 3 s, in events per second of server CPU (an A/A run
-# of one commit against itself spread 0.95-1.05):
+# of one commit against itself spread 0.95-1.06):
 #
 #   async_handlers=False (Shop)      acks 1.23x, fan-out 10 1.27x, 100 1.13x, orders 1.18x
 #   emits right after the ack        fan-out 10 1.09x, 100 1.08x, orders 1.18x
-#     (Server._handle_event_internal instead of a background task per event)
+#     (AcksFirst, instead of a background task per event)
 #   no binary scan of outgoing       orders 1.10x, acks 1.05x
-#     packets (LenientPacket.uses_binary_events)
+#     packets (JSONPacket)
 #   apply_websocket_mask             orders 1.08x (every client frame is unmasked)
 #   PacketJSON                       orders 1.06x, acks 1.04x
 #
@@ -1518,6 +1518,35 @@ class PacketJSON:
     @classmethod
     def loads(cls, text: str | bytes, **_: Any) -> Any:
         return cls.decoder.decode(text.decode() if isinstance(text, bytes) else text)
+
+
+class AcksFirst(socketio.Server):
+    """python-socketio sends an event's ack when the handler returns. What the
+    handler left to send after it (Context.emit_after_ack, kept by
+    Shop.send_after_ack) goes out right then, from the same greenlet: the
+    client reads its own outcome first, and the ack and the broadcast leave in
+    one wake-up of each socket's writer; a background task per event would
+    cost a task switch."""
+
+    def __init__(self, shop: "Shop", **options: Any) -> None:
+        self.shop = shop
+        super().__init__(**options)
+
+    def _handle_event_internal(self, server: socketio.Server, sid: str, eio_sid: str,
+                               data: list, namespace: str, id: int | None) -> None:
+        try:
+            super()._handle_event_internal(server, sid, eio_sid, data, namespace, id)
+        finally:
+            run_all(self.shop.pending_emits.pop(eventlet.getcurrent(), ()))
+
+
+class JSONPacket(socketio.packet.Packet):
+    """Packets of plain JSON. Since no bytes ever come in (LenientPacket
+    refuses binary attachments), none go out: outgoing packets skip
+    python-socketio's recursive search of every payload for bytes, which
+    costs more than encoding the payload."""
+
+    uses_binary_events = False
 
 
 def apply_websocket_mask(data: bytes, mask: bytes, length: int | None = None,
@@ -1575,25 +1604,19 @@ class NotAPacket(ValueError):
     """Input that is not Socket.IO at all; the connection is closed (Server)."""
 
 
-class LenientPacket(socketio.packet.Packet):
+class LenientPacket(JSONPacket):
     """An event packet that cannot be decoded (broken JSON, a number longer
     than Python parses, nesting deeper than its recursion limit, no event name)
     would be dropped with a traceback and the client left waiting. Decoded as
     the event MALFORMED instead, it gets an `Invalid payload` ack like any
     other bad input. So does an event named `connect` or `disconnect`, which
     python-socketio would otherwise pass to the connection handlers, an event
-    with binary attachments (the protocol is JSON), and an event with a string
-    no field may hold (see unsafe_text).
+    with binary attachments (the protocol is JSON: so none go out either, see
+    JSONPacket), and an event with a string no field may hold (see unsafe_text).
 
     What is not a Socket.IO packet at all (an unknown packet type, a binary
     frame that is no attachment, a handshake that is not JSON) raises
-    NotAPacket, and the server closes that connection, as socket.io does.
-
-    Since no bytes ever come in, none go out: outgoing packets skip
-    python-socketio's recursive search of every payload for bytes, which
-    costs more than encoding the payload."""
-
-    uses_binary_events = False
+    NotAPacket, and the server closes that connection, as socket.io does."""
 
     def decode(self, encoded_packet: Any) -> int:
         if not isinstance(encoded_packet, str):
@@ -1623,7 +1646,7 @@ class LenientPacket(socketio.packet.Packet):
         return attachments
 
 
-class Server(socketio.Server):
+class Server(AcksFirst):
     """python-socketio's Server, with what the pinned 5.18.1 needs help with
     (methods checked at start by check_libraries):
 
@@ -1633,12 +1656,8 @@ class Server(socketio.Server):
       packet is closed after CONNECT_TIMEOUT, as socket.io does; it would
       otherwise hold a slot forever, answering pings.
     - Its Engine.IO server reads websockets through CheckedFrames.
-    - What a handler left to send after its ack goes out right after
-      python-socketio sends the ack (see "Speed-ups over the libraries")."""
-
-    def __init__(self, shop: Shop, **options: Any) -> None:
-        self.shop = shop
-        super().__init__(**options)
+    - (From AcksFirst) what a handler left to send after its ack goes out
+      right after python-socketio sends the ack."""
 
     def _engineio_server_class(self) -> Callable[..., engineio.Server]:
         return functools.partial(EngineServer, self.shop)
@@ -1655,13 +1674,6 @@ class Server(socketio.Server):
         super()._handle_eio_connect(eio_sid, environ)
         eventlet.spawn_after(self.shop.config.connect_timeout_s, self.close_if_never_connected,
                              eio_sid)
-
-    def _handle_event_internal(self, server: socketio.Server, sid: str, eio_sid: str,
-                               data: list, namespace: str, id: int | None) -> None:
-        try:
-            super()._handle_event_internal(server, sid, eio_sid, data, namespace, id)
-        finally:
-            run_all(self.shop.pending_emits.pop(eventlet.getcurrent(), ()))
 
     def close_if_never_connected(self, eio_sid: str) -> None:
         if eio_sid in self.eio.sockets and self.manager.sid_from_eio_sid(eio_sid, "/") is None:

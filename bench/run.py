@@ -39,7 +39,7 @@ SCENARIOS = {
     "fanout-100": ({"scenario": "fanout", "members": 100}, "deliveries/s"),
     "fanout-1000": ({"scenario": "fanout", "members": 1000}, "deliveries/s"),
     "orders": ({"scenario": "orders", "clients": 20}, "orders/s"),
-    "payments": ({"scenario": "payments", "clients": 20, "ordersPerClient": 250}, "updates/s"),
+    "payments": ({"scenario": "payments", "clients": 20, "ordersPerClient": 1000}, "updates/s"),
     "idle-100": ({"scenario": "connections", "idle": 100, "clients": 20}, "whoami/s"),
     "idle-1000": ({"scenario": "connections", "idle": 1000, "clients": 20}, "whoami/s"),
     "idle-5000": ({"scenario": "connections", "idle": 5000, "clients": 20}, "whoami/s"),
