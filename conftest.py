@@ -15,8 +15,10 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import jsonschema
 import jwt
 import pytest
+import referencing
 import socketio
 
 HERE = Path(__file__).resolve().parent
@@ -43,6 +45,54 @@ def one_item_order(product=STICKERS, quantity=1, price=25, **extra):
             "total": round(price * quantity, 2), **extra}
 
 
+class Contract:
+    """asyncapi.json as the tests hold the server to it: the schema of each
+    client event's request and ack, and of each server event, by event name."""
+
+    URI = "urn:shop-realtime:asyncapi"
+
+    def __init__(self, path: Path) -> None:
+        self.document = json.loads(path.read_text())
+        self.registry = referencing.Registry().with_resource(
+            self.URI, referencing.Resource.from_contents(
+                self.document, default_specification=referencing.jsonschema.DRAFT7))
+        messages = self.document["components"]["messages"]
+        by_key = {f"#/channels/shop/messages/{key}": key for key in messages}
+        self.requests, self.acks, self.emits = {}, {}, {}
+        for operation in self.document["operations"].values():
+            key = by_key[operation["messages"][0]["$ref"]]
+            name = messages[key]["name"]
+            if operation["action"] == "receive":
+                self.requests[name] = key
+                self.acks[name] = by_key[operation["reply"]["messages"][0]["$ref"]]
+            else:
+                self.emits[name] = key
+
+    def validator(self, pointer: str) -> jsonschema.Draft7Validator:
+        return jsonschema.Draft7Validator({"$ref": f"{self.URI}{pointer}"},
+                                          registry=self.registry)
+
+    def problems(self, pointer: str, value) -> list[str]:
+        return [f"{'.'.join(map(str, e.absolute_path)) or 'payload'}: {e.message}"
+                for e in self.validator(pointer).iter_errors(value)]
+
+    def message(self, key: str) -> str:
+        return f"#/components/messages/{key}/payload"
+
+    def ack_problems(self, event: str, ack) -> list[str]:
+        """What the document does not allow in the ack of `event`."""
+        if event in self.acks:
+            return self.problems(self.message(self.acks[event]), ack)
+        return self.problems("#/components/schemas/UnknownEvent", ack)
+
+    def emit_problems(self, event: str, data) -> list[str]:
+        """What the document does not allow in a server event."""
+        if event not in self.emits:
+            return [f"{event!r} is no server event of the document"]
+        return self.problems(self.message(self.emits[event]), data)
+
+
+CONTRACT = Contract(HERE / "asyncapi.json")
 NOTHING = object()
 FENCE = "fence-"        # rooms of Tab.fence
 _ids = itertools.count(1)
@@ -160,6 +210,7 @@ class Tab:
                  headers: dict | None = None, auth: dict | None = None, query: str = "") -> None:
         self.client = socketio.Client(reconnection=False)
         self.events: list[tuple[str, object]] = []
+        self.breaches: list[str] = []            # what the server sent that asyncapi.json forbids
         self.changed = threading.Condition()
         self.client.on("*", self._record)
         self.client.on("disconnect", self._on_disconnect)
@@ -171,8 +222,12 @@ class Tab:
         self.sid = self.client.get_sid()
 
     def _record(self, event, *args):
+        data = args[0] if len(args) == 1 else args
+        problems = CONTRACT.emit_problems(event, data)
         with self.changed:
-            self.events.append((event, args[0] if len(args) == 1 else args))
+            self.events.append((event, data))
+            self.breaches += [f"server event {event!r} {json.dumps(data)[:300]}: {p}"
+                              for p in problems]
             self.changed.notify_all()
 
     def _on_disconnect(self, *args):
@@ -181,8 +236,12 @@ class Tab:
     def call(self, event: str, payload=NOTHING, timeout: float = WAIT_S):
         """Emit with an ack and return the ack. Without a payload no argument is sent."""
         if payload is NOTHING:
-            return self.client.call(event, timeout=timeout)
-        return self.client.call(event, (payload,), timeout=timeout)
+            ack = self.client.call(event, timeout=timeout)
+        else:
+            ack = self.client.call(event, (payload,), timeout=timeout)
+        problems = CONTRACT.ack_problems(event, ack)
+        assert not problems, f"the ack of {event!r} breaks asyncapi.json: {ack}: {problems}"
+        return ack
 
     def received(self, event: str) -> list:
         """Every `event` so far (a fence's own messages left out)."""
@@ -287,6 +346,10 @@ def connect(server):
     yield open_tab
     for tab in tabs:
         tab.close()
+    breaches = [breach for tab in tabs for breach in tab.breaches]
+    if breaches:
+        pytest.fail("the server sent what asyncapi.json does not allow:\n" + "\n".join(breaches),
+                    pytrace=False)
 
 
 def free_port() -> int:

@@ -71,6 +71,7 @@ from engineio.payload import Payload
 HERE = Path(__file__).resolve().parent
 SCHEMA_FILE = HERE / "schema.sql"
 TESTER_FILE = HERE / "ws-tester.html"
+ASYNCAPI_FILE = HERE / "asyncapi.json"     # the protocol as an AsyncAPI 3 document
 # The pinned socket.io-client browser build, shipped in vendor/ so that the
 # tester works offline from pip alone; the Admin UI comes with `npm ci`.
 CLIENT_SCRIPT = HERE / "vendor" / "socket.io.min.js"
@@ -1848,6 +1849,10 @@ def tester_page(shop: Shop, environ: dict, start_response: Callable) -> list[byt
     return respond(start_response, "200 OK", TESTER_FILE.read_bytes(), "text/html; charset=utf-8")
 
 
+def asyncapi(shop: Shop, environ: dict, start_response: Callable) -> list[bytes]:
+    return respond(start_response, "200 OK", ASYNCAPI_FILE.read_bytes())
+
+
 def health(shop: Shop, environ: dict, start_response: Callable) -> list[bytes]:
     return json_response(start_response, {"ok": True})
 
@@ -1972,6 +1977,7 @@ def is_ip_address(name: str) -> bool:
 
 
 ROUTES = {"/": tester_page, "/health": health, "/api/products": products,
+          "/asyncapi.json": asyncapi,
           "/api/info": server_info, "/metrics": prometheus, "/dev/token": dev_token,
           CLIENT_SCRIPT_URL: client_script}
 

@@ -116,7 +116,7 @@ def test_the_original_flow_by_clicking_as_a_user_and_an_admin(dev_server, open_t
     user.send("message")
     for tab in (user, admin):
         expect(tab.log).to_contain_text("← message")
-        expect(tab.log).to_contain_text('"text": "Hello from the tester"')
+        expect(tab.log).to_contain_text('"text": "Hello!"')
 
     user.send("order:create")
     expect(user.ack("order:create")).to_contain_text('"status": "pending"')
@@ -551,3 +551,72 @@ def test_an_ack_cut_off_by_the_server_closing_shows_the_close_and_its_reason(sta
         "the connection closed before the ack: transport close (websocket close 1009: Incoming"
         " frame of")
     expect(tab.ack("message")).not_to_contain_text("no ack within")
+
+
+# -- the contract: asyncapi.json drives the page ---------------------------------
+
+CONTRACT_DOCUMENT = json.loads((SERVER.parent / "asyncapi.json").read_text())
+
+
+def test_the_cards_and_server_events_come_from_the_servers_asyncapi_document(dev_server,
+                                                                            open_tester):
+    tab = open_tester(dev_server.url)
+    operations = CONTRACT_DOCUMENT["operations"]
+    expect(tab.page.locator("#contract-source")).to_contain_text(
+        f"Events and cards come from {dev_server.url}/asyncapi.json")
+    expect(tab.card("joinRoom").locator("p.hint")).to_have_text(operations["joinRoom"]["summary"])
+    expect(tab.card("order:create").locator("p.hint")).to_have_text(
+        operations["orderCreate"]["summary"])
+    assert tab.page.locator("#server-events li").all_inner_texts() == [
+        "presence:update", "joined", "left", "message", "notification:received", "order:created",
+        "order:updated", "product:stockUpdated", "typing"]
+    assert tab.console_errors == []
+
+
+def test_without_a_contract_the_page_keeps_its_built_in_cards(dev_server, browser):
+    context = browser.new_context()
+    page = context.new_page()
+    page.route("**/asyncapi.json", lambda route: route.fulfill(status=404, body="{}"))
+    page.goto(dev_server.url + "/")
+    page.wait_for_function("window.testerReady === true")
+    expect(page.locator("#contract-source")).to_contain_text("This server has no asyncapi.json")
+    expect(page.locator('form[data-event="joinRoom"] p.hint')).to_have_text(
+        "Join a room: a name, or { room }. Anyone.")
+    context.close()
+
+
+def test_check_this_server_passes_every_step_here(dev_server, open_tester):
+    tab = open_tester(dev_server.url)
+    tab.connect_as("demo user")
+    tab.page.get_by_role("button", name="Check this server").click()
+    steps = tab.page.locator("#check-results li")
+    expect(steps).to_have_count(10, timeout=20_000)
+    expect(tab.page.locator('#check-results li[data-ok="false"]')).to_have_count(0)
+    assert steps.first.inner_text() == "whoami"
+    expect(tab.log).to_contain_text("check this server: 10 of 10 steps as the contract says")
+
+
+def test_check_this_server_pinpoints_the_step_where_a_server_departs(start_server, open_tester,
+                                                                    tmp_path):
+    """A backend of the protocol that answers typing wrongly."""
+    departing = tmp_path / "departing.py"
+    departing.write_text(
+        "import sys\n"
+        f"sys.path.insert(0, {str(SERVER.parent)!r})\n"
+        "import eventlet\n"
+        "eventlet.monkey_patch()\n"
+        "import server\n"
+        "_, user_required = server.EVENTS['typing']\n"
+        "server.EVENTS['typing'] = (lambda ctx, data: {'ok': 'yes', 'mode': 'personal'},"
+        " user_required)\n"
+        "sys.exit(server.main())\n")
+    server = start_server(env={"JWT_SECRET": None}, script=departing)
+    tab = open_tester(server.url)
+    tab.connect_as("demo user")
+    tab.page.get_by_role("button", name="Check this server").click()
+    expect(tab.page.locator("#check-results li")).to_have_count(10, timeout=20_000)
+    failed = tab.page.locator('#check-results li[data-ok="false"]')
+    expect(failed).to_have_count(1)
+    expect(failed).to_contain_text("typing to itself")
+    expect(failed.locator("pre")).to_contain_text('payload.ok: "yes" is not true')
+    tab.page.screenshot(path=tmp_path / "check-this-server.png", full_page=True)
