@@ -12,6 +12,7 @@ event a test client receives is checked against it too (conftest.CONTRACT).
 import json
 import re
 import subprocess
+import sys
 
 import pytest
 
@@ -161,3 +162,35 @@ def test_the_readme_and_the_document_name_the_same_events_and_error_strings():
         for error in errors:
             assert CONTRACT.ack_problems(event, {"error": error}) == [], \
                 f"the README's {event} error {error!r} is not one of the document's"
+
+
+# -- TypeScript declarations for typed sockets ------------------------------------
+
+TSC = [str(SERVER.parent / "node_modules" / ".bin" / "tsc"), "--noEmit", "--strict",
+       "--module", "nodenext", "--target", "es2022"]
+
+
+def test_the_typescript_declarations_are_the_ones_the_document_generates():
+    done = subprocess.run([sys.executable, str(SERVER.parent / "types" / "generate.py")],
+                          capture_output=True, text=True, timeout=30, check=True)
+    assert done.stdout == (SERVER.parent / "types" / "shop-realtime.d.ts").read_text(), \
+        "run: python types/generate.py > types/shop-realtime.d.ts"
+
+
+def test_a_typed_client_compiles_and_a_payload_off_the_contract_does_not(tmp_path):
+    example = SERVER.parent / "examples" / "typed-client.ts"
+    done = subprocess.run([*TSC, str(example)], capture_output=True, text=True, timeout=120,
+                          check=False, cwd=SERVER.parent)
+    assert done.returncode == 0, done.stdout
+    # The same client with one field misspelt and one status unknown must not compile.
+    (tmp_path / "examples").mkdir()
+    (tmp_path / "types").symlink_to(SERVER.parent / "types")
+    (tmp_path / "node_modules").symlink_to(SERVER.parent / "node_modules")
+    (tmp_path / "package.json").write_text('{"type": "module"}')
+    wrong = tmp_path / "examples" / "wrong.ts"
+    wrong.write_text(example.read_text().replace("total: 200,", "totl: 200,")
+                     .replace('status: "paid"', 'status: "lost"'))
+    done = subprocess.run([*TSC, str(wrong)], capture_output=True, text=True, timeout=120,
+                          check=False, cwd=tmp_path)
+    assert done.returncode != 0
+    assert "'totl' does not exist" in done.stdout and '"lost"' in done.stdout, done.stdout
