@@ -31,6 +31,7 @@ import bisect
 import errno
 import fcntl
 import functools
+import io
 import ipaddress
 import itertools
 import json
@@ -55,6 +56,7 @@ from urllib.parse import parse_qs
 
 import engineio
 import eventlet
+import eventlet.hubs
 import eventlet.queue
 import eventlet.tpool
 import eventlet.websocket
@@ -1646,6 +1648,11 @@ class LenientPacket(JSONPacket):
                 self.data = [MALFORMED, why]
         return attachments
 
+    def add_attachment(self, attachment: Any) -> bool:
+        if not isinstance(attachment, bytes):   # socket.io closes on this too
+            raise NotAPacket("text where a binary attachment was announced")
+        return super().add_attachment(attachment)
+
 
 class Server(AcksFirst):
     """python-socketio's Server, with what the pinned 5.18.1 needs help with
@@ -1663,24 +1670,36 @@ class Server(AcksFirst):
     def _engineio_server_class(self) -> Callable[..., engineio.Server]:
         return functools.partial(EngineServer, self.shop)
 
-    def _handle_eio_message(self, eio_sid: str, data: str | bytes) -> None:
+    def _handle_eio_message(self, eio_sid: str, data: str | bytes | None) -> None:
+        if not data:            # "4" alone: python-socketio would take it for an event
+            self.close_session(eio_sid, "an empty Engine.IO message")
+            return
         try:
             super()._handle_eio_message(eio_sid, data)
         except ValueError as error:   # NotAPacket, or python-socketio's own refusals
-            log.info("closing sid=%s user=%s: not a Socket.IO packet (%s)",
-                     *self.who(eio_sid), error)
-            self.eio.disconnect(eio_sid)
+            self.close_session(eio_sid, f"not a Socket.IO packet ({error})")
 
     def _handle_eio_connect(self, eio_sid: str, environ: dict) -> None:
         super()._handle_eio_connect(eio_sid, environ)
-        eventlet.spawn_after(self.shop.config.connect_timeout_s, self.close_if_never_connected,
-                             eio_sid)
+        # A bare timer of the hub, not a greenlet per connection: its callback
+        # never waits (close_session starts a task for that).
+        eventlet.hubs.get_hub().schedule_call_global(
+            self.shop.config.connect_timeout_s, self.close_if_never_connected, eio_sid)
 
     def close_if_never_connected(self, eio_sid: str) -> None:
         if eio_sid in self.eio.sockets and self.manager.sid_from_eio_sid(eio_sid, "/") is None:
-            log.info("closing eio_sid=%s: no Socket.IO CONNECT within %gs",
-                     eio_sid, self.shop.config.connect_timeout_s)
-            self.eio.disconnect(eio_sid)
+            self.close_session(eio_sid, "no Socket.IO CONNECT within"
+                                        f" {self.shop.config.connect_timeout_s:g}s")
+
+    def close_session(self, eio_sid: str, why: str) -> None:
+        """End an Engine.IO session, with one log line. Not with
+        eio.disconnect, which waits until the client has read the close packet:
+        over long-polling it never does (its next poll is refused as closed),
+        and the request that is closing the session would hang."""
+        log.info("closing sid=%s user=%s: %s", *self.who(eio_sid), why)
+        session = self.eio.sockets.get(eio_sid)
+        if session is not None:
+            session.close(wait=False, reason=self.eio.reason.SERVER_DISCONNECT)
 
     def who(self, eio_sid: str) -> tuple[str, str]:
         """(socket id, user) behind an Engine.IO session, for log lines."""
@@ -1805,19 +1824,45 @@ def transports(shop: Shop, wsgi_app: Callable) -> Callable:
       connection). Clients that offer it simply go on uncompressed;
     - eventlet's websocket writes to a log (WebsocketLog), not to stderr;
     - a long-polling POST above MAX_PAYLOAD_BYTES, which python-engineio
-      refuses and ends the session for, is logged with its size."""
+      refuses and ends the session for, is logged with its size;
+    - a long-polling POST whose body is not Engine.IO packets (the checks of
+      CheckedFrames) ends its session with one log line and a 400; in
+      python-engineio it would raise, with a traceback, and leave it open."""
     errors = WebsocketLog()
+    limit = shop.config.max_payload_bytes
 
     def app(environ: dict, start_response: Callable) -> Any:
         environ.pop("HTTP_SEC_WEBSOCKET_EXTENSIONS", None)
         environ["wsgi.errors"] = errors
         size = environ.get("CONTENT_LENGTH") or "0"
-        if size.isdigit() and int(size) > shop.config.max_payload_bytes:
-            eio_sid = (parse_qs(environ.get("QUERY_STRING", "")).get("sid") or ["-"])[0]
+        if environ.get("REQUEST_METHOD") != "POST" or not size.isdigit() or size == "0":
+            return wsgi_app(environ, start_response)
+        eio_sid = (parse_qs(environ.get("QUERY_STRING", "")).get("sid") or ["-"])[0]
+        if int(size) > limit:
             log.info("closing sid=%s user=%s: a long-polling POST of %s bytes is above the"
-                     " limit of %d", *shop.sio.who(eio_sid), size, shop.config.max_payload_bytes)
-        return wsgi_app(environ, start_response)
+                     " limit of %d", *shop.sio.who(eio_sid), size, limit)
+            return wsgi_app(environ, start_response)
+        body = environ["wsgi.input"].read(int(size))
+        environ["wsgi.input"] = io.BytesIO(body)
+        problem = payload_problem(body, limit)
+        if problem is None or eio_sid not in shop.sio.eio.sockets:
+            return wsgi_app(environ, start_response)
+        shop.sio.close_session(eio_sid, f"{problem} in a long-polling POST")
+        return respond(start_response, "400 Bad Request", json.dumps({"error": problem}))
     return app
+
+
+def payload_problem(body: bytes, limit: int) -> str | None:
+    """Why a long-polling body (packets split by the record separator) is not Engine.IO."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        return "not UTF-8"
+    for packet in text.split("\x1e"):
+        problem = frame_problem(packet, limit)
+        if problem is not None:
+            return problem[1]
+    return None
 
 
 # =============================================================================

@@ -46,17 +46,35 @@ def run_cli(*args, env=None, cwd=None):
                           env={**os.environ, **(env or {})}, cwd=cwd, timeout=30, check=False)
 
 
+def raw_socket(server, connect_packet: str | None = "40"):
+    """A bare websocket, past the Engine.IO open (and the Socket.IO CONNECT)."""
+    ws = websocket.create_connection(server.url.replace("http", "ws")
+                                     + "/socket.io/?EIO=4&transport=websocket", timeout=5)
+    assert ws.recv().startswith("0")
+    if connect_packet is not None:
+        ws.send(connect_packet)
+        assert ws.recv().startswith("40")
+    return ws
+
+
+def close_frame(ws, timeout: float = 5) -> tuple[int | None, str, list]:
+    """Read until the server's close frame: (code, reason, frames before it)."""
+    ws.settimeout(timeout)
+    frames = []
+    while True:
+        opcode, data = ws.recv_data(control_frame=True)
+        if opcode == websocket.ABNF.OPCODE_CLOSE:
+            code = int.from_bytes(data[:2], "big") if len(data) >= 2 else None
+            return code, data[2:].decode(), frames
+        frames.append(data.decode() if opcode == websocket.ABNF.OPCODE_TEXT else data)
+
+
 def frames_in_order(server, token: str, *steps: tuple[list | str, tuple[str, ...]]) -> list[str]:
     """Over a bare websocket, send each step's event (a list, or its JSON text;
     ack ids 1, 2, ...) once the frames its predecessor waited for have come, and
     return every frame after the connection's, in the order they arrived."""
-    ws = websocket.create_connection(server.url.replace("http", "ws")
-                                     + "/socket.io/?EIO=4&transport=websocket", timeout=5)
+    ws = raw_socket(server, "40" + json.dumps({"token": token}))
     try:
-        ws.recv()
-        ws.send("40" + json.dumps({"token": token}))
-        while not ws.recv().startswith("40"):
-            pass
         frames: list[str] = []
         for ack_id, (event, until) in enumerate(steps, start=1):
             ws.send(f"42{ack_id}" + (event if isinstance(event, str) else json.dumps(event)))
@@ -696,29 +714,6 @@ def test_more_than_one_argument_answers_invalid_payload(connect):
 # 3b. Bad input: every finding of the fuzzer stays fixed
 # =============================================================================
 
-def raw_socket(server, connect_packet: str | None = "40"):
-    """A bare websocket, past the Engine.IO open (and the Socket.IO CONNECT)."""
-    ws = websocket.create_connection(server.url.replace("http", "ws")
-                                     + "/socket.io/?EIO=4&transport=websocket", timeout=5)
-    assert ws.recv().startswith("0")
-    if connect_packet is not None:
-        ws.send(connect_packet)
-        assert ws.recv().startswith("40")
-    return ws
-
-
-def close_frame(ws, timeout: float = 5) -> tuple[int | None, str, list]:
-    """Read until the server's close frame: (code, reason, frames before it)."""
-    ws.settimeout(timeout)
-    frames = []
-    while True:
-        opcode, data = ws.recv_data(control_frame=True)
-        if opcode == websocket.ABNF.OPCODE_CLOSE:
-            code = int.from_bytes(data[:2], "big") if len(data) >= 2 else None
-            return code, data[2:].decode(), frames
-        frames.append(data.decode() if opcode == websocket.ABNF.OPCODE_TEXT else data)
-
-
 def assert_others_are_served(server, connect) -> None:
     """The positive control after a closed connection: the server goes on."""
     assert server.get_json("/health") == {"ok": True}
@@ -845,20 +840,44 @@ def test_a_text_frame_that_is_not_an_engineio_packet_closes_with_1002(start_serv
     (True, '44{"message":"x"}'),      # CONNECT_ERROR is the server's to send
     (True, b"\x00\x01"),              # a binary frame that is no attachment
     (False, "40{not json"),           # a CONNECT whose auth is not JSON
+    # an attachment announced, then text where its bytes should be
+    (True, ('451-["message",{"_placeholder":true,"num":0}]', '4299["whoami"]')),
 ])
 def test_input_that_is_not_a_socketio_packet_closes_the_connection(start_server, connect,
                                                                    connect_first, garbage):
     server = start_server()
     ws = raw_socket(server, "40" if connect_first else None)
-    if isinstance(garbage, bytes):
-        ws.send_binary(garbage)
-    else:
-        ws.send(garbage)
+    for frame in garbage if isinstance(garbage, tuple) else (garbage,):
+        if isinstance(frame, bytes):
+            ws.send_binary(frame)
+        else:
+            ws.send(frame)
     code, _, frames = close_frame(ws)
     # Engine.IO's close packet, then a normal websocket close frame.
     assert "1" in frames and code in (None, 1000)
     assert_others_are_served(server, connect)
     assert "not a Socket.IO packet" in server.stderr()
+
+
+@pytest.mark.parametrize("body, status, reason", [
+    (b"hello", 400, "not an Engine.IO packet"),
+    (b"\xff\xfe", 400, "not UTF-8"),
+    (b"40\x1e9", 400, "not an Engine.IO packet"),       # a good packet, then a bad one
+    (b"4abc", 200, "not a Socket.IO packet"),          # Engine.IO, but not Socket.IO
+])
+def test_a_long_polling_post_that_is_not_the_protocol_ends_its_session(start_server, connect,
+                                                                       body, status, reason):
+    server = start_server()
+    polling = server.url + "/socket.io/?EIO=4&transport=polling"
+    sid = json.loads(requests.get(polling, timeout=5).text[1:])["sid"]
+    posted = requests.post(f"{polling}&sid={sid}", data=body, timeout=5)
+    assert posted.status_code == status
+    # The client's next poll is refused at once (the session is closed), not
+    # answered with a ping 25 s later.
+    next_poll = requests.get(f"{polling}&sid={sid}", timeout=5)
+    assert next_poll.status_code == 400 and "disconnected" in next_poll.text
+    server.wait_for_log(rf"closing sid=\S+ user=-: {reason}")
+    assert_others_are_served(server, connect)
 
 
 def test_an_unknown_namespace_is_refused_with_invalid_namespace(server, connect):
@@ -1177,12 +1196,7 @@ def test_one_sockets_events_are_handled_in_the_order_it_sent_them(server):
     steps = [(["joinRoom", room], ()), *[
         ((["message", {"room": room, "text": f"#{n}"}]), ()) for n in range(30)],
         (["leaveRoom", room], ()), (["message", {"room": room, "text": "late"}], ())]
-    ws = websocket.create_connection(server.url.replace("http", "ws")
-                                     + "/socket.io/?EIO=4&transport=websocket", timeout=5)
-    ws.recv()
-    ws.send("40" + json.dumps({"token": make_token(new_user_id())}))
-    while not ws.recv().startswith("40"):
-        pass
+    ws = raw_socket(server, "40" + json.dumps({"token": make_token(new_user_id())}))
     for ack_id, (event, _) in enumerate(steps, start=1):
         ws.send(f"42{ack_id}" + json.dumps(event))
     acks, texts = {}, []
