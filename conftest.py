@@ -40,6 +40,15 @@ EXAMPLE_ORDER = {
 }
 
 
+OFFSET = re.compile(r"[0-9a-f]{8}-[0-9]{16}")
+
+
+def logged(data: dict) -> dict:
+    """A durable event's payload without its offset, which it must carry."""
+    assert OFFSET.fullmatch(data.get("offset", "")), f"no offset in {data}"
+    return {key: value for key, value in data.items() if key != "offset"}
+
+
 def one_item_order(product=STICKERS, quantity=1, price=25, **extra):
     return {"items": [{"product": product, "quantity": quantity, "price": price}],
             "total": round(price * quantity, 2), **extra}
@@ -302,10 +311,30 @@ def server_logs_have_no_traceback(request):
         pytest.fail("a server logged a traceback:\n" + "\n".join(defects), pytrace=False)
 
 
-def settle(seconds: float = 0.3) -> None:
-    """Give the server time to send what it would send, before asserting that
-    something did NOT arrive."""
-    time.sleep(seconds)
+def typing_in(room: str, by: str) -> dict:
+    """A `typing` event as the server sends it for `room`, to send from outside any socket."""
+    at = time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime())
+    return {"event": "typing", "from": by, "room": room, "at": at}
+
+
+def assert_admin_rooms_reach_admins_alone(emit, admins: list[Tab], user: Tab,
+                                          user_id: str) -> None:
+    """`emit(room, data)` sends a `typing` event to one room from outside any
+    socket. Sent to `admin` alone, then to `admins` alone, it reaches every
+    admin tab and not the user's tab: a `typing` to the user's own room, sent
+    next the same way, reaches that tab (the positive control) after anything
+    sent before it (the fence)."""
+    for tab in (*admins, user):
+        tab.fence()       # with Redis: each process now reads what is published
+    for room in ("admin", "admins"):
+        marker, fence = f"to-{room}-{next(_ids)}", f"after-{room}-{next(_ids)}"
+        emit(room, typing_in(room, marker))
+        emit(f"user:{user_id}", typing_in(f"user:{user_id}", fence))
+        for tab in admins:
+            tab.wait_for("typing", lambda data, by=marker: data["from"] == by)
+        user.wait_for("typing", lambda data, by=fence: data["from"] == by)
+        assert marker not in [data["from"] for data in user.received("typing")], \
+            f"a user's tab got what was sent to {room!r} alone"
 
 
 @pytest.fixture(scope="session")

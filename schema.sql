@@ -62,6 +62,38 @@ CREATE TABLE IF NOT EXISTS notifications (
 CREATE INDEX IF NOT EXISTS notifications_undelivered
     ON notifications (to_user_id, created_at) WHERE delivered_at IS NULL;
 
+-- The event log: every durable event (order:created, order:updated,
+-- product:stockUpdated, notification:received, message), written in the
+-- transaction of the change it reports. `seq` grows in commit order (SQLite has
+-- one writer at a time, across processes too, and a new row's rowid is the
+-- greatest plus one; retention never removes the newest, so it never goes back);
+-- an offset is the log's id and seq. user_id is an order's owner or a
+-- notification's recipient, room a message's room, subject a notification's id.
+CREATE TABLE IF NOT EXISTS events (
+    seq        INTEGER PRIMARY KEY,
+    name       TEXT NOT NULL,
+    user_id    TEXT,
+    room       TEXT,
+    subject    TEXT,
+    payload    TEXT NOT NULL,
+    created_at REAL NOT NULL
+);
+-- joinRoom with `since` reads one room's messages; a notification's event is
+-- found by its id.
+CREATE INDEX IF NOT EXISTS events_by_room ON events (room, seq) WHERE room IS NOT NULL;
+CREATE INDEX IF NOT EXISTS events_by_subject ON events (subject) WHERE subject IS NOT NULL;
+
+-- Which log this is (a new database or a reset starts another, so an old
+-- offset is unknown rather than mistaken for a position), and up to where
+-- retention has pruned it.
+CREATE TABLE IF NOT EXISTS event_log (
+    id             INTEGER PRIMARY KEY CHECK (id = 1),
+    log_id         TEXT NOT NULL CHECK (length(log_id) = 8),
+    pruned_through INTEGER NOT NULL DEFAULT 0
+);
+INSERT INTO event_log (id, log_id) VALUES (1, lower(hex(randomblob(4))))
+ON CONFLICT (id) DO NOTHING;
+
 -- The demo catalogue as seeded: what `python server.py reset` puts back.
 CREATE TABLE IF NOT EXISTS demo_catalogue (
     id          TEXT PRIMARY KEY,

@@ -55,7 +55,7 @@ def test_the_document_describes_every_event_of_the_protocol():
         "order:updateStatus", "typing", "whoami"]
     assert sorted(CONTRACT.emits) == [
         "joined", "left", "message", "notification:received", "order:created", "order:updated",
-        "presence:update", "product:stockUpdated", "typing"]
+        "presence:update", "product:stockUpdated", "sync", "typing"]
     channel = DOCUMENT["channels"]["shop"]
     assert channel["address"] == "/" and DOCUMENT["servers"]["local"]["pathname"] == "/socket.io"
 
@@ -103,6 +103,7 @@ def test_every_request_example_gets_the_documented_ack_from_a_fresh_server(start
     ("order:create", {"items": [{"product": "x", "quantity": 1, "price": 1}], "total": 1}),
     ("notification:send", {"title": "Hi"}),                             # no toUserId
     ("joinRoom", 5),                                                    # a number for a room
+    ("joinRoom", {"room": "lobby", "since": 5}),                        # a number for an offset
     ("leaveRoom", {"room": ["lobby"]}),
     ("message", {"room": "lobby"}),                                     # no text
     ("typing", {"toUserId": "a", "room": "lobby"}),                     # both

@@ -10,21 +10,32 @@ with an ack that asyncapi.json allows for the event (never `Internal error`), th
 connection must stay up, the server must log no traceback, and every event the
 sockets receive must be one that asyncapi.json allows.
 
+The same holds for what a client asks the event log with: any query of the
+state-on-load routes is a page or `Invalid payload` (a page only for a limit
+from 1 to 100), any `auth.serverOffset` connects and gets one `sync` that is
+complete only for an offset of this log, and any `since` of joinRoom gets the
+history ack or `Invalid payload`.
+
 Derandomized, so a failure reproduces; the examples per event add up to more
 than 2,000 in all.
 """
 
+from urllib.parse import quote
+
 import pytest
+import requests
 import websocket
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from conftest import (
     CONTRACT,
     MUG,
+    OFFSET,
     POSTER,
     STICKERS,
     TSHIRT,
+    WAIT_S,
     ServerProcess,
     Tab,
     make_token,
@@ -262,4 +273,249 @@ def test_any_text_frame_is_answered_or_closes_that_connection_cleanly(fuzzed, fr
         assert left_the_namespace, f"{frame!r}: neither answered nor closed"
     finally:
         ws.close()
+    assert not server.log_defects(logged)
+
+
+# -- offsets and page parameters: whatever a client asks with ----------------------------
+
+LOG_EXAMPLES = 80
+LOG_SETTINGS = settings(max_examples=LOG_EXAMPLES, derandomize=True, database=None,
+                        deadline=None, suppress_health_check=list(HealthCheck))
+PAGE_MAX = 100
+HISTORY_ROOM = "fuzz-history"
+DURABLE = ("order:created", "order:updated", "notification:received", "product:stockUpdated",
+           "message")
+
+
+@pytest.fixture(scope="module")
+def logged_shop(fuzzed):
+    """On the fuzzed server: a user with orders and notifications, a room
+    with messages, and the id of the server's log."""
+    server, tabs = fuzzed
+    user = new_user_id("fuzz-reader")
+    token = make_token(user)
+    reader = Tab(server.url, token)
+    try:
+        for _ in range(3):
+            assert reader.call("order:create", {
+                "items": [{"product": STICKERS, "quantity": 1, "price": 25}],
+                "total": 25})["ok"] is True
+    finally:
+        reader.close()
+    for n in range(3):
+        assert tabs["user"].call("notification:send", {"toUserId": user,
+                                                       "title": f"fuzz {n}"})["ok"] is True
+        assert tabs["user"].call("joinRoom", HISTORY_ROOM)["ok"] is True
+        assert tabs["user"].call("message", {"room": HISTORY_ROOM, "text": f"m{n}"})["ok"]
+    return server, tabs, token, newest_offset(server).split("-")[0]
+
+
+def newest_offset(server) -> str:
+    response = requests.get(server.url + "/api/products", timeout=WAIT_S)
+    assert response.status_code == 200
+    return response.headers["X-Log-Offset"]
+
+
+def seq(offset: str) -> int:
+    return int(offset.split("-")[1])
+
+
+def as_sent(text: str) -> str:
+    """A query value as the server reads it: UTF-8, bad bytes replaced."""
+    return text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+
+
+# Long values too, few and short enough that a query stays below the 8 KB
+# request line of the WSGI server (which answers 414 past it).
+query_values = st.one_of(
+    short_texts,
+    st.builds(lambda c, n: c * n, st.sampled_from(["a", " ", "\x00", "é", "%"]),
+              st.sampled_from([63, 64, 65, 100, 101, 200, 201])),
+    st.integers(-(2 ** 70), 2 ** 70).map(str),
+    st.integers(0, 10 ** 400).map(str),                                  # huge
+    st.floats(allow_nan=True, allow_infinity=True).map(str),
+    st.floats(allow_nan=True, allow_infinity=True).map(repr),
+    st.sampled_from(["", "0", "1", "50", "100", "101", "-1", "1e9", "1e2", "1.0", "abc",
+                     "0001", "00001", "0100", "00100", "00101", "01000", "000000000050",
+                     "pending", "paid", "PAID", "cancelled", " 5", "5 ", "+5", "0x10",
+                     "３", "%", "%zz", "&", "=", "9" * 18, "9" * 19, "1" * 40]),
+)
+# limit, before and status, each present or not (numbers around the page
+# bounds are frequent), and any other parameter beside them.
+around_the_bounds = st.one_of(
+    st.integers(-5, 205).map(str),
+    st.builds(lambda zeros, n: "0" * zeros + str(n), st.integers(1, 8), st.integers(0, 2000)))
+numbers_mostly = st.integers(0, 3).flatmap(lambda n: query_values if n == 0 else
+                                           around_the_bounds)
+queries = st.builds(
+    lambda known, other: {**other, **known},
+    st.fixed_dictionaries({}, optional={"limit": numbers_mostly, "before": numbers_mostly,
+                                        "status": query_values}),
+    st.dictionaries(short_texts.filter(lambda key: as_sent(key) not in ("limit", "before",
+                                                                        "status")),
+                    query_values, max_size=2))
+
+
+def limit_is_valid(value: str | None) -> bool:
+    """Absent, or a whole number from 1 to 100, leading zeros and all."""
+    return value is None or value.isascii() and value.isdigit() and 1 <= int(value) <= PAGE_MAX
+
+
+@LOG_SETTINGS
+@given(route=st.sampled_from(["/api/orders", "/api/notifications"]), query=queries)
+@example(route="/api/orders", query={"limit": "0050"})
+@example(route="/api/orders", query={"limit": "00001"})
+@example(route="/api/orders", query={"limit": "00101"})
+@example(route="/api/notifications", query={"limit": "01000"})
+def test_any_page_query_is_answered_200_or_an_invalid_payload_400(logged_shop, route, query):
+    """Whatever limit, before and status say, the answer is a page or
+    `Invalid payload` with a detail: never a server error. A page comes for a
+    limit from 1 to 100 (leading zeros change no number) and holds at most
+    that many; with a cursor of digits or none and a status or none, only for
+    such a limit."""
+    server, _, token, _ = logged_shop
+    text = "&".join(f"{quote(key.encode('utf-8', 'surrogatepass'))}="
+                    f"{quote(value.encode('utf-8', 'surrogatepass'))}"
+                    for key, value in query.items())
+    logged = server.log_size()
+    response = requests.get(f"{server.url}{route}?{text}", timeout=WAIT_S,
+                            headers={"Authorization": token})
+    assert response.status_code in (200, 400), (text, response.status_code, response.text)
+    body = response.json()
+    key = route.rsplit("/", 1)[-1]
+    read = {name: as_sent(value) for name, value in query.items()}
+    # An empty value may be read as absent or refused: either is an answer.
+    blank = any(read.get(name) == "" for name in ("limit", "before", "status"))
+    if response.status_code == 400:
+        assert set(body) == {"error", "detail"} and body["error"] == "Invalid payload", body
+        assert isinstance(body["detail"], str) and body["detail"], body
+    else:
+        assert set(body) == {key, "offset", "next"} and OFFSET.fullmatch(body["offset"]), body
+        assert limit_is_valid(read.get("limit") or None), (text, "a page for a bad limit")
+        assert len(body[key]) <= int(read.get("limit") or 50), text
+    cursor = read.get("before", "0")
+    if not blank and cursor.isascii() and cursor.isdigit() and len(cursor) <= 18 and (
+            route.endswith("notifications") or read.get("status") in (None, *STATUSES)):
+        assert (response.status_code == 200) == limit_is_valid(read.get("limit")), (text, body)
+    assert not server.log_defects(logged)
+
+
+# Offsets of this log are drawn as where they stand from its newest position
+# (the log grows during the run), and resolved against it when sent.
+SPOILERS = (str.upper, lambda o: f" {o}", lambda o: f"{o}\n", lambda o: o[:-1],
+            lambda o: f"{o}0", lambda o: o.replace("-", "_"), lambda o: f"{o}-{o}")
+this_log = st.one_of(st.tuples(st.sampled_from(["from start", "from newest"]),
+                               st.sampled_from([0, 1])),
+                     st.tuples(st.just("ahead"), st.integers(10 ** 6, 10 ** 15)))
+server_offsets = st.one_of(
+    st.none(),
+    json_values,
+    st.from_regex(r"[0-9a-f]{8}-[0-9]{16}", fullmatch=True),            # another log's
+    st.tuples(st.just("this log"), this_log),
+    st.tuples(st.just("spoiled"), this_log, st.sampled_from(range(len(SPOILERS)))),
+    st.builds(lambda c, n: c * n, st.sampled_from(["a", "0", "-", "😀"]),
+              st.sampled_from([1000, 4000])),                              # huge
+    st.builds(lambda n: "0" * n, st.sampled_from([25, 20_000])),
+)
+
+
+def resolved(drawn, log_id: str, newest: int):
+    """A drawn value as sent: an offset of this log placed against its newest position."""
+    if not isinstance(drawn, tuple):
+        return drawn
+    (where, n), spoiler = drawn[1], drawn[2] if drawn[0] == "spoiled" else None
+    position = {"from start": n, "from newest": max(newest - n, 0), "ahead": newest + n}[where]
+    offset = f"{log_id}-{position:016d}"
+    return offset if spoiler is None else SPOILERS[spoiler](offset)
+
+
+def expected_complete(value, log_id: str, newest: int) -> bool | None:
+    """True or False as the log must say, None when it may have grown past it."""
+    if not isinstance(value, str) or not OFFSET.fullmatch(value) or value[:8] != log_id:
+        return False
+    if seq(value) <= newest:
+        return True
+    return False if seq(value) >= newest + 10 ** 6 else None
+
+
+@LOG_SETTINGS
+@given(data=st.data())
+def test_any_server_offset_connects_and_gets_one_sync_that_says_if_it_is_complete(logged_shop,
+                                                                                  data):
+    """A socket connects whatever its auth.serverOffset is; it gets exactly
+    one `sync` (none for null), complete only for an offset of this log that
+    the log still holds, after exactly the events it replays."""
+    server, _, token, log_id = logged_shop
+    newest = seq(newest_offset(server))
+    value = resolved(data.draw(server_offsets, label="serverOffset"), log_id, newest)
+    as_user = data.draw(st.booleans(), label="as_user")
+    auth = {"token": token, "serverOffset": value} if as_user else {"serverOffset": value}
+    logged = server.log_size()
+    tab = Tab(server.url, auth=auth)
+    try:
+        if value is not None:
+            tab.wait_for("sync")
+        tab.fence()
+        syncs = tab.received("sync")
+        assert len(syncs) == (0 if value is None else 1), syncs
+        if syncs:
+            sync = syncs[0]
+            assert OFFSET.fullmatch(sync["offset"]) and sync["offset"][:8] == log_id, sync
+            complete = expected_complete(value, log_id, newest)
+            if complete is not None:
+                assert sync["complete"] is complete, (value, sync)
+            with tab.changed:
+                names = [name for name, _ in tab.events]
+            before_sync = [name for name in names[:names.index("sync")] if name in DURABLE]
+            assert len(before_sync) == sync["replayed"], (value, names, sync)
+            assert sync["complete"] or sync["replayed"] == 0, sync
+        assert tab.breaches == []
+    finally:
+        tab.close()
+    assert not server.log_defects(logged)
+
+
+def test_the_offset_of_this_log_catches_up_completely(logged_shop):
+    """The positive control for the run above: the newest offset of this log
+    gets one `sync`, complete, with nothing to replay."""
+    server, _, token, log_id = logged_shop
+    offset = newest_offset(server)
+    tab = Tab(server.url, auth={"token": token, "serverOffset": offset})
+    try:
+        sync = tab.wait_for("sync")
+        assert sync == {"event": "sync", "offset": sync["offset"], "replayed": 0,
+                        "complete": True}
+        assert sync["offset"] >= offset and sync["offset"].startswith(log_id)
+    finally:
+        tab.close()
+
+
+@LOG_SETTINGS
+@given(data=st.data())
+def test_any_since_of_join_room_is_a_history_ack_or_an_invalid_payload(logged_shop, data):
+    """joinRoom with any `since`: a string gets the ack with `replayed` and
+    `complete` (complete only for an offset of this log), anything else but
+    null `Invalid payload`, never `Internal error`."""
+    server, tabs, _, log_id = logged_shop
+    newest = seq(newest_offset(server))
+    since = resolved(data.draw(server_offsets, label="since"), log_id, newest)
+    tab = tabs[data.draw(st.sampled_from(sorted(tabs)), label="who")]
+    logged = server.log_size()
+    ack = tab.call("joinRoom", {"room": HISTORY_ROOM, "since": since})
+    if since is None:
+        assert ack == {"ok": True, "room": HISTORY_ROOM}, ack
+    elif not isinstance(since, str):
+        assert set(ack) == {"error", "detail"} and ack["error"] == "Invalid payload", ack
+        assert isinstance(ack["detail"], str), ack
+    else:
+        assert set(ack) == {"ok", "room", "replayed", "complete"}, ack
+        assert ack["ok"] is True and ack["room"] == HISTORY_ROOM, ack
+        assert isinstance(ack["replayed"], int) and ack["replayed"] >= 0, ack
+        assert isinstance(ack["complete"], bool), ack
+        complete = expected_complete(since, log_id, newest)
+        if complete is not None:
+            assert ack["complete"] is complete, (since, ack)
+        if not ack["complete"]:
+            assert ack["replayed"] == 0, (since, ack)
+    assert tab.client.connected
     assert not server.log_defects(logged)

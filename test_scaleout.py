@@ -4,6 +4,7 @@ Each test starts its own redis-server and two or three server processes; clients
 are spread over them and every rule is checked across processes.
 """
 
+import re
 import shutil
 import signal
 import socket
@@ -12,16 +13,19 @@ import sys
 import threading
 import time
 
+import socketio
+
 from conftest import (
     EXAMPLE_ORDER,
     MUG,
     POSTER,
     SERVER,
+    WAIT_S,
+    assert_admin_rooms_reach_admins_alone,
     free_port,
     make_token,
     new_user_id,
     one_item_order,
-    settle,
 )
 
 # The documented bound for a killed process's users to go offline
@@ -33,16 +37,28 @@ def statuses(tab, user):
     return [d["status"] for d in tab.received("presence:update") if d["userId"] == user]
 
 
+def wait_for_users_online(server, count):
+    """Until `server`'s /metrics counts `count` users online: the count comes
+    from Redis, so by then this process asks Redis and the users' processes
+    have shared their connections (users and socket ids go in together)."""
+    deadline = time.monotonic() + WAIT_S
+    while (online := int(re.search(r"^shop_users_online (\d+)$", server.get("/metrics")[1],
+                                   re.MULTILINE)[1])) < count:
+        assert time.monotonic() < deadline, f"{online} users online, not {count}, after {WAIT_S}s"
+        time.sleep(0.05)
+
+
 def test_a_room_message_reaches_members_on_every_process(start_cluster, connect):
     a, b, c = start_cluster(3)
     tabs = [connect(new_user_id(), on=server) for server in (a, b, c)]
     for tab in tabs:
         tab.call("joinRoom", "lobby")
-    assert tabs[0].call("message", {"room": "lobby", "text": "across"})["ok"]
+    for text in ("across", "after"):   # "after" follows: whatever came before it has arrived
+        assert tabs[0].call("message", {"room": "lobby", "text": text})["ok"]
     for tab in tabs:
-        assert tab.wait_for("message")["text"] == "across"
-    settle()
-    assert [len(tab.received("message")) for tab in tabs] == [1, 1, 1]
+        tab.wait_for("message", lambda d: d["text"] == "after")
+    assert [[d["text"] for d in tab.received("message")] for tab in tabs] == \
+        [["across", "after"]] * 3
 
 
 def test_order_created_reaches_admins_on_other_processes_once_per_socket(start_cluster, connect):
@@ -50,29 +66,48 @@ def test_order_created_reaches_admins_on_other_processes_once_per_socket(start_c
     admin = new_user_id("admin")
     owner = connect(new_user_id(), on=a)
     admin_tabs = [connect(admin, "admin", on=a), connect(admin, "admin", on=b)]
-    order = owner.call("order:create", EXAMPLE_ORDER)["order"]
+    # The second order's event follows the first's: once it has arrived, so has the first's.
+    orders = [owner.call("order:create", EXAMPLE_ORDER)["order"]["_id"] for _ in range(2)]
     for tab in admin_tabs:
-        tab.wait_for("order:created")
-    settle()
-    assert [len(tab.received("order:created")) for tab in admin_tabs] == [1, 1]
-    assert admin_tabs[1].received("order:created")[0]["order"]["_id"] == order["_id"]
+        tab.wait_for("order:created", lambda d: d["order"]["_id"] == orders[1])
+    assert [[d["order"]["_id"] for d in tab.received("order:created")] for tab in admin_tabs] \
+        == [orders, orders]
+
+
+def test_admins_on_every_process_are_in_admin_and_admins(start_cluster, connect, redis_server):
+    """Another program's emitter (a write-only RedisManager on the same Redis)
+    sends to `admin` alone and to `admins` alone: admins' tabs on both
+    processes get each, a user's tab gets neither."""
+    a, b = start_cluster(2)
+    user = new_user_id()
+    admins = [connect(new_user_id("admin"), "admin", on=server) for server in (a, b)]
+    emitter = socketio.RedisManager(redis_server.url, write_only=True)
+    assert_admin_rooms_reach_admins_alone(
+        lambda room, data: emitter.emit("typing", data, to=room), admins,
+        connect(user, on=b), user)
 
 
 def test_a_notification_reaches_a_recipient_on_another_process_once(start_cluster, connect):
     a, b = start_cluster(2)
     recipient = new_user_id()
     tab = connect(recipient, on=b)
-    ack = connect(new_user_id(), on=a).call("notification:send", {"toUserId": recipient})
-    assert tab.wait_for("notification:received")["id"] == ack["id"]
-    settle()
-    assert len(tab.received("notification:received")) == 1
+    sender = connect(new_user_id(), on=a)
+    # The second notification follows the first (one queue): once it has arrived, so has
+    # every copy of the first.
+    ids = [sender.call("notification:send", {"toUserId": recipient})["id"] for _ in range(2)]
+    tab.wait_for("notification:received", lambda d: d["id"] == ids[1])
+    assert [d["id"] for d in tab.received("notification:received")] == ids
 
 
 def test_an_offline_recipient_gets_it_when_connecting_to_another_process(start_cluster, connect):
     a, b = start_cluster(2)
-    recipient = new_user_id()
-    ack = connect(new_user_id(), on=a).call("notification:send", {"toUserId": recipient})
-    settle()
+    recipient, witness = new_user_id(), new_user_id()
+    witness_tab, sender = connect(witness, on=b), connect(new_user_id(), on=a)
+    ack = sender.call("notification:send", {"toUserId": recipient})
+    # A's notifications are handed out in order: once the next one has reached
+    # the witness, the recipient's has been handled while it was offline.
+    sender.call("notification:send", {"toUserId": witness})
+    witness_tab.wait_for("notification:received")
     tab = connect(recipient, on=b)
     assert tab.wait_for("notification:received")["id"] == ack["id"]
 
@@ -84,10 +119,14 @@ def test_presence_holds_until_the_last_tab_on_any_process_closes(start_cluster, 
     watcher.wait_for("presence:update", lambda d: d["userId"] == user)
     second = connect(user, on=b)
     first.close()
-    settle(0.5)
+    # A has logged the close; what it sends for it (one Redis call later) goes
+    # through Redis ahead of the watcher's fence, which starts after that line.
+    a.wait_for_log(rf"disconnect sid={first.sid} ")
+    watcher.fence()
     assert statuses(watcher, user) == ["online"]
     second.close()
     watcher.wait_for("presence:update", lambda d: d["userId"] == user and d["status"] == "offline")
+    watcher.fence()
     assert statuses(watcher, user) == ["online", "offline"]
 
 
@@ -105,7 +144,9 @@ def test_a_killed_process_users_go_offline_within_the_bound(start_cluster, conne
                      lambda d: d["userId"] == only_on_b and d["status"] == "offline",
                      timeout=OFFLINE_BOUND_S)
     assert time.monotonic() - killed <= OFFLINE_BOUND_S
-    settle(1.5)
+    # A retired B in one heartbeat and announced its offline users one after
+    # the other; the watcher's fence, through A and Redis, comes after them all.
+    watcher.fence()
     assert statuses(watcher, on_both) == ["online"]
 
 
@@ -142,7 +183,7 @@ def test_rate_limits_are_per_user_across_processes(start_cluster, connect):
 def test_a_socket_id_on_another_process_is_a_reserved_room(start_cluster, connect):
     a, b = start_cluster(2)
     victim = connect(new_user_id(), on=b)
-    settle()
+    wait_for_users_online(a, 1)
     assert connect(on=a).call("joinRoom", victim.sid) == {"error": "Access denied"}
 
 

@@ -432,7 +432,8 @@ def checkout_without_npm(tmp_path) -> Path:
     """What pip alone leaves: the project's files, no node_modules."""
     checkout = tmp_path / "checkout"
     checkout.mkdir()
-    for name in ("server.py", "schema.sql", "ws-tester.html"):
+    for name in ("server.py", "adapters.py", "schema.sql", "ws-tester.html", "asyncapi.json",
+                 "openapi.json"):
         shutil.copy(SERVER.parent / name, checkout / name)
     shutil.copytree(SERVER.parent / "vendor", checkout / "vendor")
     return checkout
@@ -569,7 +570,7 @@ def test_the_cards_and_server_events_come_from_the_servers_asyncapi_document(dev
         operations["orderCreate"]["summary"])
     assert tab.page.locator("#server-events li").all_inner_texts() == [
         "presence:update", "joined", "left", "message", "notification:received", "order:created",
-        "order:updated", "product:stockUpdated", "typing"]
+        "order:updated", "product:stockUpdated", "typing", "sync"]
     assert tab.console_errors == []
 
 

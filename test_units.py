@@ -11,9 +11,14 @@ import subprocess
 import sys
 import time
 
+import ast
+import json
+from pathlib import Path
+
 import jwt
 import pytest
 
+import adapters
 import server
 from conftest import MUG, SERVER, TSHIRT
 from server import ConfigError, Product, Refusal, User
@@ -280,7 +285,7 @@ def test_strings_with_nul_or_lone_surrogates_are_found_by_their_path(value, why)
                                             ("b!!", 1002), ("x" * 2001, 1009), ("42[]", None),
                                             ("2", None), (b"\x01", None)])
 def test_websocket_frames_that_are_not_engineio_packets(frame, problem):
-    found = server.frame_problem(frame, 2000)
+    found = adapters.frame_problem(frame, 2000)
     assert (found and found[0]) == problem
 
 
@@ -290,3 +295,94 @@ def test_websocket_frames_that_are_not_engineio_packets(frame, problem):
                                            ("shop.lan:8000", True)])
 def test_dev_token_hosts_are_ip_addresses_localhost_or_listed(host, allowed):
     assert server.host_allowed(host, ("shop.lan",)) is allowed
+
+
+# -- server.py speaks the libraries' public API only ------------------------------
+
+LIBRARIES = ("socketio", "engineio", "eventlet")
+
+
+def test_server_py_names_no_private_name_of_the_libraries():
+    """A leading underscore read or overridden, a library attribute assigned
+    (a monkey-patch), or the introspection adapters.py does: none in server.py."""
+    tree = ast.parse(Path(server.__file__).read_text())
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and node.attr.startswith("_") \
+                and not node.attr.startswith("__"):
+            found.append(f"line {node.lineno}: .{node.attr}")
+        if isinstance(node, ast.ClassDef):
+            found += [f"line {item.lineno}: def {item.name}" for item in node.body
+                      if isinstance(item, ast.FunctionDef) and item.name.startswith("_")
+                      and not item.name.startswith("__")]
+        if isinstance(node, (ast.Assign, ast.AugAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            for target in targets:
+                root = target
+                while isinstance(root, ast.Attribute):
+                    root = root.value
+                if isinstance(target, ast.Attribute) and isinstance(root, ast.Name) \
+                        and root.id in LIBRARIES:
+                    found.append(f"line {node.lineno}: assigns {ast.unparse(target)}")
+    text = Path(server.__file__).read_text()
+    found += [word for word in ("__self__", "uses_binary_events", "max_decode_packets",
+                                "eio.sockets", "getcurrent") if word in text]
+    assert found == []
+
+
+def test_the_adapters_name_the_versions_they_were_tested_with():
+    pinned = dict(line.split("==") for line in
+                  (Path(server.__file__).parent / "requirements.txt").read_text().splitlines()
+                  if "==" in line and not line.startswith("#"))
+    assert {name: pinned[name] for name in adapters.TESTED_WITH} == adapters.TESTED_WITH
+    assert adapters.check_versions() == []          # this venv has what requirements.txt pins
+
+
+def test_another_library_version_is_named_with_the_tested_one(monkeypatch):
+    real = adapters.importlib.metadata.version
+    monkeypatch.setattr(adapters.importlib.metadata, "version",
+                        lambda name: "9.9.9" if name == "eventlet" else real(name))
+    assert adapters.check_versions() == [
+        f"eventlet 9.9.9 (tested: {adapters.TESTED_WITH['eventlet']})"]
+
+
+def test_importing_server_changes_no_warning_filter():
+    """The libraries set their own filters (requests and urllib3 do, on
+    import); server.py and adapters.py add none and show no warning."""
+    code = ("import warnings\nwith warnings.catch_warnings():\n"
+            "    warnings.simplefilter('ignore'); import eventlet, engineio, socketio, jwt\n"
+            "before = list(warnings.filters); import server;"
+            " print(warnings.filters == before)")
+    result = subprocess.run([sys.executable, "-W", "error", "-c", code], capture_output=True,
+                            text=True, cwd=Path(server.__file__).parent, timeout=60)
+    assert result.stdout.strip() == "True", result.stderr
+    alone = subprocess.run([sys.executable, "-W", "error", "-c", "import server"],
+                           capture_output=True, text=True, cwd=Path(server.__file__).parent,
+                           timeout=60)
+    assert alone.returncode == 0 and alone.stderr == "", alone.stderr
+
+
+# -- offsets --------------------------------------------------------------------------
+
+def test_offsets_of_one_log_compare_as_strings_in_log_order():
+    log_id = "0123abcd"
+    offsets = [f"{log_id}-{seq:016d}" for seq in (1, 9, 10, 99, 100, 10**12)]
+    assert sorted(offsets) == offsets
+    assert all(server.OFFSET.fullmatch(offset) for offset in offsets)
+
+
+@pytest.mark.parametrize("name, fields, rooms", [
+    ("order:created", {"user_id": "u1"}, ["user:u1", "admin", "admins"]),
+    ("order:updated", {"user_id": "u1"}, ["user:u1", "admin", "admins"]),
+    ("notification:received", {"user_id": "u2"}, "user:u2"),
+    ("message", {"room": "lobby"}, "lobby"),
+    ("product:stockUpdated", {}, None),
+])
+def test_each_logged_event_goes_to_its_audience(name, fields, rooms):
+    assert server.audience(server.LogEntry(1, name, {}, **fields)) == rooms
+
+
+def test_every_durable_event_is_described_with_an_offset():
+    document = json.loads((Path(server.__file__).parent / "asyncapi.json").read_text())
+    text = json.dumps(document)
+    assert all(name in text for name in server.DURABLE_EVENTS)

@@ -7,14 +7,16 @@ the shop that an admin watches.
 """
 
 import json
+import queue
 import re
 import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 
-from conftest import MUG, SECRET, SERVER, make_token, new_user_id, settle
+from conftest import MUG, SECRET, SERVER, make_token, new_user_id
 
 README = (SERVER.parent / "README.md").read_text()
 SHOPPERS = SERVER.parent / "examples" / "shoppers.py"
@@ -124,18 +126,65 @@ def test_shoppers_read_tokens_from_a_file_when_the_server_has_jwt_secret(start_s
         == 2
 
 
-def test_shoppers_stop_cleanly_on_ctrl_c(start_server):
+class Lines:
+    """A process's output, read line by line in a thread, so that waiting for
+    a line has a deadline: a script that hangs fails with what it printed."""
+
+    def __init__(self, stream) -> None:
+        self.queue: queue.Queue[str | None] = queue.Queue()
+        self.lines: list[str] = []
+        self.reader = threading.Thread(target=self._read, args=(stream,), daemon=True)
+        self.reader.start()
+
+    def _read(self, stream) -> None:
+        with stream:
+            for line in stream:
+                self.queue.put(line.rstrip("\n"))
+        self.queue.put(None)                     # the end of the output
+
+    def first(self, count: int, timeout: float) -> list[str]:
+        deadline = time.monotonic() + timeout
+        while len(self.lines) < count:
+            try:
+                line = self.queue.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise AssertionError(f"{len(self.lines)} lines, not {count}, within {timeout}s:"
+                                     f"\n{self.text()}") from None
+            assert line is not None, f"the output ended after {len(self.lines)} lines:\n" \
+                                     f"{self.text()}"
+            self.lines.append(line)
+        return self.lines[:count]
+
+    def rest(self, timeout: float) -> str:
+        """Everything, once the output has ended (the process has exited)."""
+        self.reader.join(timeout)
+        while not self.queue.empty():
+            if (line := self.queue.get()) is not None:
+                self.lines.append(line)
+        return self.text()
+
+    def text(self) -> str:
+        return "\n".join(self.lines)
+
+
+def test_shoppers_stop_cleanly_on_ctrl_c(start_server, tmp_path):
     server = start_server(env={"JWT_SECRET": None})
-    shoppers = subprocess.Popen([sys.executable, str(SHOPPERS), "--url", server.url,
-                                 "--shoppers", "2"], stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 20
-    seen = ""
-    while seen.count("joinRoom") < 2 and time.monotonic() < deadline:
-        seen += shoppers.stdout.readline()
-    assert seen.count("joinRoom") == 2, seen
-    settle(1)
-    shoppers.send_signal(signal.SIGINT)
-    out, err = shoppers.communicate(timeout=20)
-    assert shoppers.returncode == 0, err
-    assert "stopping: the shoppers leave" in out and "Traceback" not in err
+    errors = tmp_path / "shoppers-stderr.txt"
+    with errors.open("w") as stderr:
+        shoppers = subprocess.Popen([sys.executable, str(SHOPPERS), "--url", server.url,
+                                     "--shoppers", "2"], stdout=subprocess.PIPE, stderr=stderr,
+                                    text=True)
+    out = Lines(shoppers.stdout)
+    try:
+        # Both shoppers have joined, then one has done something: the shop is running.
+        joins = out.first(3, timeout=20)[:2]
+        assert all("joinRoom" in line and line.endswith("ok") for line in joins), out.text()
+        shoppers.send_signal(signal.SIGINT)
+        returncode = shoppers.wait(timeout=20)
+    finally:
+        if shoppers.poll() is None:
+            shoppers.kill()
+            shoppers.wait()
+    assert returncode == 0, errors.read_text()
+    assert "stopping: the shoppers leave" in out.rest(timeout=5)
+    assert "Traceback" not in errors.read_text()

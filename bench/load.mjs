@@ -1,6 +1,7 @@
 // The benchmark's load generator: official socket.io-client 4 on Node.js.
 // node bench/load.mjs '<json>' runs one scenario and prints one JSON line of results.
-// Config: { url, scenario, secret, clients, seconds, members, deflate, transport, idle }
+// Config: { url, scenario, secret, clients, seconds, members, deflate, transport, idle,
+//           events, creators }
 import { createHmac } from "node:crypto";
 import { performance } from "node:perf_hooks";
 import { io } from "socket.io-client";
@@ -9,24 +10,28 @@ const cfg = JSON.parse(process.argv[2]);
 const STICKERS = "64a1b2c3d4e5f67890123458";
 const ORDER = { items: [{ product: STICKERS, quantity: 1, price: 25 }], total: 25 };
 
-function token(userId) {
+function token(userId, claims = {}) {
   const part = (value) => Buffer.from(JSON.stringify(value)).toString("base64url");
-  const body = `${part({ alg: "HS256", typ: "JWT" })}.${part({ sub: userId, exp: Math.floor(Date.now() / 1000) + 3600 })}`;
+  const body = `${part({ alg: "HS256", typ: "JWT" })}.${part({ sub: userId, exp: Math.floor(Date.now() / 1000) + 3600, ...claims })}`;
   return `Bearer ${body}.${createHmac("sha256", cfg.secret).update(body).digest("base64url")}`;
 }
 
 let failures = 0;
 
-function open(userId) {
+function connectTo(auth) {
+  return io(cfg.url, {
+    transports: cfg.transport === "polling" ? ["polling"] : ["websocket"],
+    auth,
+    reconnection: false,
+    forceNew: true,
+    timeout: 20000,
+    perMessageDeflate: cfg.deflate ? { threshold: 1024 } : false,
+  });
+}
+
+function open(userId, claims = {}) {
   return new Promise((resolve, reject) => {
-    const socket = io(cfg.url, {
-      transports: cfg.transport === "polling" ? ["polling"] : ["websocket"],
-      auth: { token: token(userId) },
-      reconnection: false,
-      forceNew: true,
-      timeout: 20000,
-      perMessageDeflate: cfg.deflate ? { threshold: 1024 } : false,
-    });
+    const socket = connectTo({ token: token(userId, claims) });
     socket.onAny(() => { lastEvent = performance.now(); });
     socket.once("connect", () => resolve(socket));
     socket.once("connect_error", (error) => { failures++; reject(error); });
@@ -44,13 +49,13 @@ async function quiet(ms = 500, limit = 120000) {
   }
 }
 
-async function openMany(count, prefix, parallel = 100, users = count) {
+async function openMany(count, prefix, parallel = 100, users = count, claims = {}) {
   const sockets = [];
   let next = 0;
   const worker = async () => {
     while (next < count) {
       const n = next++;
-      sockets[n] = await open(`${prefix}-${n % users}`);
+      sockets[n] = await open(`${prefix}-${n % users}`, claims);
     }
   };
   await Promise.all(Array.from({ length: Math.min(parallel, count) }, worker));
@@ -202,7 +207,83 @@ async function connections() {
   return result;
 }
 
-const scenarios = { acks, fanout, orders, payments, connections };
+// A client that was away while `cfg.events` orders were made comes back with
+// the offset it last saw: one catch-up is the time from starting to connect
+// to its `sync`. It counts only when sync says complete, replayed >= events,
+// and every replayed event (each with an offset, in increasing order) arrived
+// before sync. A server that tells no X-Log-Offset has no event log: no figure.
+function catchUp(auth, from, events, timeoutMs = 10000) {
+  return new Promise((resolve) => {
+    const started = performance.now();
+    const socket = connectTo(auth);
+    let received = 0;
+    let last = from;
+    let ordered = true;
+    let done = false;
+    const finish = (ok) => {
+      if (done) return;
+      done = true;
+      clearTimeout(timer);
+      socket.disconnect();
+      resolve(ok ? performance.now() - started : null);
+    };
+    const timer = setTimeout(() => finish(false), timeoutMs);
+    socket.onAny((event, data) => {
+      if (event === "sync") {
+        finish(data && data.complete === true && data.replayed >= events
+               && data.replayed === received && ordered);
+      } else if (data && typeof data.offset === "string") {
+        if (!(data.offset > last)) ordered = false;
+        last = data.offset;
+        received++;
+      }
+    });
+    socket.once("connect_error", () => finish(false));
+  });
+}
+
+async function catchup() {
+  const events = cfg.events ?? 1000;
+  const admin = { role: "admin" };
+  const response = await fetch(new URL("/api/products", cfg.url));
+  await response.arrayBuffer();
+  const from = response.headers.get("x-log-offset");
+  if (from === null) {
+    return measured(async () => ({ unsupported: true, count: 0, seconds: cfg.seconds,
+                                   rate: null, p50: null, p99: null, events }));
+  }
+  // The orders it missed, several sockets of one admin with many acks pending.
+  const creators = await openMany(cfg.creators ?? 4, "catchup-admin", 100, 1, admin);
+  let next = 0;
+  await Promise.all(creators.flatMap((socket) => Array.from({ length: 16 }, async () => {
+    while (next < events) {
+      next++;
+      const ack = await call(socket, "order:create", ORDER, 30000);
+      if (!ack || !ack.ok) failures++;
+    }
+  })));
+  await quiet();
+  creators.forEach((s) => s.disconnect());
+  const auth = { token: token("catchup-admin-0", admin), serverOffset: from };
+  if ((await catchUp(auth, from, events)) === null) failures++;           // warm up
+  const result = await measured(async () => {
+    const latencies = [];
+    let count = 0;
+    const until = performance.now() + cfg.seconds * 1000;
+    await Promise.all(Array.from({ length: cfg.clients ?? 1 }, async () => {
+      while (performance.now() < until) {
+        const took = await catchUp(auth, from, events);
+        if (took === null) { failures++; continue; }
+        latencies.push(took);
+        count++;
+      }
+    }));
+    return summary(count, cfg.seconds, latencies, { events });
+  });
+  return result;
+}
+
+const scenarios = { acks, fanout, orders, payments, connections, catchup };
 const result = await scenarios[cfg.scenario]();
 process.stdout.write(JSON.stringify({ ...result, failures }) + "\n");
 process.exit(0);

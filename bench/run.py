@@ -4,12 +4,19 @@
     python bench/run.py --rounds 5 --seconds 5 --only acks fanout-1000
     python bench/run.py --against HEAD~1 # this server.py against another commit's
     python bench/run.py --against HEAD   # A/A: how far two runs of one server spread
+    python bench/run.py --only catchup   # a reconnecting client catching up 1,000 events
 
 Each measurement starts the server under test on a free port with a fresh
 database and rate limits off, pinned to CPU 0 (taskset), and the load generator
 (bench/load.mjs, the official socket.io-client on Node.js) pinned to CPU 1.
-Rounds interleave the two servers so that machine noise hits both.
+Rounds interleave the two servers so that machine noise hits both, and each
+round's pair gives a ratio of events per server-CPU-second: the table shows the
+median of these paired ratios with their min and max (run `--against HEAD` for
+the spread of an A/A comparison).
 Needs `npm ci` (socket.io-client) and `taskset` (util-linux).
+
+"catchup" needs the event log: the ceiling has none and is not measured there,
+and a server without it (no X-Log-Offset on /api/products) has no figure ("-").
 """
 
 import argparse
@@ -44,7 +51,9 @@ SCENARIOS = {
     "idle-1000": ({"scenario": "connections", "idle": 1000, "clients": 20}, "whoami/s"),
     "idle-5000": ({"scenario": "connections", "idle": 5000, "clients": 20}, "whoami/s"),
     "polling": ({"scenario": "acks", "clients": 20, "transport": "polling"}, "acks/s"),
+    "catchup": ({"scenario": "catchup", "events": 1000, "clients": 1}, "catch-ups/s"),
 }
+LOGGED = {"catchup"}    # scenarios that need the event log, which the ceiling lacks
 
 
 def cpu_seconds(pid: int) -> float:
@@ -100,6 +109,9 @@ def measure(kind: str, scenario: str, seconds: float, deflate: bool) -> dict:
             server_cpu = cpu_seconds(server.pid) - cpu_before
             result = json.loads(load.stdout.readline())
             load.wait(60)
+            if result.get("unsupported"):   # no event log: no figure, not a failure
+                result.update(serverCpu=None, perServerCpuSecond=None, generatorCpu=None)
+                return result
             result.update(extra, serverCpu=server_cpu / result["wall"],
                           perServerCpuSecond=result["count"] / max(server_cpu, 1e-9))
             return result
@@ -125,6 +137,21 @@ def checkout(rev: str) -> Path:
 
 def fmt(value: float | None, digits: int = 0) -> str:
     return "-" if value is None else f"{value:,.{digits}f}"
+
+
+def percent(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.0f}%"
+
+
+def paired(ours: list[dict], theirs: list[dict], field: str = "perServerCpuSecond") -> str:
+    """Median, min and max over rounds of the per-round ratio ours / theirs."""
+    by_round = {r["round"]: r.get(field) for r in theirs}
+    ratios = [r[field] / by_round[r["round"]] for r in ours
+              if r.get(field) is not None and by_round.get(r["round"])]
+    if not ratios:
+        return "-"
+    return (f"{statistics.median(ratios):.2f}"
+            f" ({min(ratios):.2f}–{max(ratios):.2f}, n={len(ratios)})")
 
 
 def main() -> None:
@@ -155,16 +182,21 @@ def main() -> None:
     def deflates(scenario: str) -> list[bool]:
         """Long-polling has no permessage-deflate to offer."""
         return [False] if SCENARIOS[scenario][0].get("transport") == "polling" else variants
+    for key in ((s, d, k) for s in scenarios for d in deflates(s) for k in SERVERS):
+        results[key] = []
     for round_number in range(1, args.rounds + 1):
         for scenario in scenarios:
             for deflate in deflates(scenario):
                 for kind in SERVERS if round_number % 2 else reversed(SERVERS):
+                    if kind == "ceiling" and scenario in LOGGED:
+                        continue
                     result = measure(kind, scenario, args.seconds, deflate)
-                    results.setdefault((scenario, deflate, kind), []).append(result)
+                    result["round"] = round_number
+                    results[(scenario, deflate, kind)].append(result)
                     print(f"round {round_number} {scenario:12}"
                           f" deflate={'on ' if deflate else 'off'} {kind:9}"
-                          f" {result['rate']:10,.0f}/s"
-                          f" per-cpu-s={result['perServerCpuSecond']:9,.0f}"
+                          f" {fmt(result['rate']):>10}/s"
+                          f" per-cpu-s={fmt(result['perServerCpuSecond']):>9}"
                           f"  failures={result['failures']}",
                           file=sys.stderr, flush=True)
 
@@ -177,8 +209,9 @@ def main() -> None:
     other = next(kind for kind in SERVERS if kind != "server.py")   # the ceiling, or --against
     pair = f"(server.py / {other})"
     print(f"| scenario | deflate | figure | server.py | {other} | ratio | per server-CPU-s {pair}"
+          f" | paired ratio per server-CPU-s (median of rounds, min–max) {pair}"
           f" | p50 ms | p99 ms {pair} | memory/conn {pair} | generator CPU | failures |")
-    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for scenario in scenarios:
         for deflate in deflates(scenario):
             ours, ceiling = (scenario, deflate, "server.py"), (scenario, deflate, other)
@@ -192,11 +225,12 @@ def main() -> None:
                   f" | {fmt(rate)} | {fmt(top)} | {fmt(rate / top if top else None, 2)}"
                   f" | {fmt(median(ours, 'perServerCpuSecond'))}"
                   f" / {fmt(median(ceiling, 'perServerCpuSecond'))}"
+                  f" | {paired(results[ours], results[ceiling])}"
                   f" | {fmt(median(ours, 'p50'), 2)} / {fmt(median(ceiling, 'p50'), 2)}"
                   f" | {fmt(median(ours, 'p99'), 2)} / {fmt(median(ceiling, 'p99'), 2)}"
                   f" | {memory}"
-                  f" | {fmt(100 * median(ours, 'generatorCpu'))}%"
-                  f" / {fmt(100 * median(ceiling, 'generatorCpu'))}%"
+                  f" | {percent(median(ours, 'generatorCpu'))}"
+                  f" / {percent(median(ceiling, 'generatorCpu'))}"
                   f" | {failures} |")
     if any(r.get("connectRate") for rs in results.values() for r in rs):
         print(f"\nConnect rate (connections/s, {pair}):")
@@ -206,6 +240,15 @@ def main() -> None:
                     print(f"- {scenario} deflate={'on' if deflate else 'off'}:"
                           f" {fmt(median((scenario, deflate, 'server.py'), 'connectRate'))} /"
                           f" {fmt(median((scenario, deflate, other), 'connectRate'))}")
+    for scenario in (s for s in scenarios if s in LOGGED):
+        events = SCENARIOS[scenario][0]["events"]
+        print(f"\nCatch-up of {events:,} events, connect to sync (median p50 / p99 ms,"
+              f" {pair}):")
+        for deflate in deflates(scenario):
+            ours, theirs = (scenario, deflate, "server.py"), (scenario, deflate, other)
+            print(f"- {scenario} deflate={'on' if deflate else 'off'}:"
+                  f" p50 {fmt(median(ours, 'p50'), 1)} / {fmt(median(theirs, 'p50'), 1)},"
+                  f" p99 {fmt(median(ours, 'p99'), 1)} / {fmt(median(theirs, 'p99'), 1)}")
 
 
 if __name__ == "__main__":

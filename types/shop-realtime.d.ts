@@ -2,13 +2,26 @@
 
 export type ObjectId = string;
 export type Timestamp = string;
+export type Offset = string;
 export type RoomName = string;
 export type RoomRequest = RoomName | {
   room: RoomName;
 };
+export type JoinRoomRequest = RoomName | {
+  room: RoomName;
+  since?: Offset;
+};
 export type RoomAck = {
   ok: true;
   room: string;
+} | {
+  error: "Access denied";
+} | CommonError;
+export type JoinRoomAck = {
+  ok: true;
+  room: string;
+  replayed?: number;
+  complete?: boolean;
 } | {
   error: "Access denied";
 } | CommonError;
@@ -60,6 +73,10 @@ export type CommonError = {
 export type UnknownEvent = {
   error: string;
 } | CommonError;
+export type HandshakeAuth = {
+  token?: string;
+  serverOffset?: Offset | null;
+};
 
 /** What the server emits (socket.on). */
 export interface ServerToClientEvents {
@@ -80,6 +97,7 @@ export interface ServerToClientEvents {
     from: PublicUser;
     ts: Timestamp;
     meta?: Record<string, unknown>;
+    offset: Offset;
   }) => void;
   /** A personal notification: to every tab of the recipient, once each. */
   "notification:received": (payload: {
@@ -92,16 +110,19 @@ export interface ServerToClientEvents {
     priority: Priority;
     from: string;
     ts: Timestamp;
+    offset?: Offset;
   }) => void;
   /** A new order: to its owner and the admins, once per socket. */
   "order:created": (payload: {
     event: "order:created";
     order: Order;
+    offset: Offset;
   }) => void;
   /** An order's status changed: to its owner and the admins, once per socket. */
   "order:updated": (payload: {
     event: "order:updated";
     order: Order;
+    offset: Offset;
   }) => void;
   /** A product's stock moved (a payment, or a paid order cancelled): to every connected client. */
   "product:stockUpdated": (payload: {
@@ -110,6 +131,7 @@ export interface ServerToClientEvents {
     stock: number;
     delta: number;
     at: Timestamp;
+    offset: Offset;
   }) => void;
   /** Someone is typing: to the user it is meant for, or to the room's other members. */
   "typing": (payload: {
@@ -118,12 +140,19 @@ export interface ServerToClientEvents {
     room?: string;
     at: Timestamp;
   }) => void;
+  /** The connect catch-up is over: to a socket that connected with auth.serverOffset, once. */
+  "sync": (payload: {
+    event: "sync";
+    offset: Offset;
+    replayed: number;
+    complete: boolean;
+  }) => void;
 }
 
 /** What a client emits (socket.emit / emitWithAck), with its ack. */
 export interface ClientToServerEvents {
   /** Join a room. Anyone. */
-  "joinRoom": (payload: RoomRequest, ack: (ack: RoomAck) => void) => void;
+  "joinRoom": (payload: JoinRoomRequest, ack: (ack: JoinRoomAck) => void) => void;
   /** Leave a room. Anyone; acks also when not a member. */
   "leaveRoom": (payload: RoomRequest, ack: (ack: RoomAck) => void) => void;
   /** Send a chat message to a room the sender is in. Anyone in the room. */
