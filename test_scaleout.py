@@ -53,6 +53,7 @@ def test_a_room_message_reaches_members_on_every_process(start_cluster, connect)
     tabs = [connect(new_user_id(), on=server) for server in (a, b, c)]
     for tab in tabs:
         tab.call("joinRoom", "lobby")
+        tab.fence()       # its process reads what is published (it subscribes on a first connect)
     for text in ("across", "after"):   # "after" follows: whatever came before it has arrived
         assert tabs[0].call("message", {"room": "lobby", "text": text})["ok"]
     for tab in tabs:

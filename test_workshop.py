@@ -90,6 +90,7 @@ def test_shoppers_fill_the_lobby_with_a_shop_that_an_admin_watches(start_server,
                         "--seed", "7")
     assert done.returncode == 0, done.stderr
     assert done.stderr == ""
+    admin.fence()      # what the shoppers made the server send has arrived
     assert {m["from"]["id"] for m in admin.received("message")} <= {
         "shopper-1", "shopper-2", "shopper-3"}
     for event in ("message", "typing", "order:created", "order:updated",
@@ -107,6 +108,7 @@ def test_shoppers_never_sell_the_catalogue_out(start_server, connect):
     done = run_shoppers(server, "--shoppers", "4", "--seconds", "8", "--rate", "40",
                         "--seed", "3")
     assert done.returncode == 0, done.stderr
+    watcher.fence()    # every stock update of the run has arrived
     updates = watcher.received("product:stockUpdated")
     assert any(u["delta"] < 0 for u in updates) and any(u["delta"] > 0 for u in updates)
     assert min(u["stock"] for u in updates) >= 5
