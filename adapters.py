@@ -14,8 +14,8 @@ table copied — for one of two reasons, stated at each place:
 It was written and tested against the versions in TESTED_WITH (pinned in
 requirements.txt); `check_versions` compares them with what is installed, and
 server.py refuses another version unless told to run anyway. A move off
-eventlet would replace this module, and `serve` and the worker greenlets of
-server.py, and nothing else.
+eventlet would replace this module and the public eventlet calls of server.py
+(README "About eventlet" lists them).
 
 This module stands below server.py: it imports nothing from it. What it needs
 to know of the protocol (how to tell a bad argument, who is behind a socket)
@@ -238,7 +238,10 @@ class StrictServer(socketio.Server):
             self.connect_timeout_s, self.close_if_never_connected, eio_sid)
 
     def close_if_never_connected(self, eio_sid: str) -> None:
-        if eio_sid in self.eio.sockets and self.manager.sid_from_eio_sid(eio_sid, "/") is None:
+        """Any namespace counts: the Admin UI connects to /admin alone."""
+        if eio_sid in self.eio.sockets and not any(
+                self.manager.sid_from_eio_sid(eio_sid, namespace)
+                for namespace in self.manager.get_namespaces()):
             self.close_session(eio_sid, f"no Socket.IO CONNECT within {self.connect_timeout_s:g}s")
 
     def close_session(self, eio_sid: str, why: str) -> None:

@@ -3,7 +3,7 @@ limits shared, so that every rule of the protocol holds across processes.
 
 Imported by server.py only when REDIS_URL is set; python-socketio's
 RedisManager carries the rooms and emits. A single process keeps the same
-things in memory instead (server.Presence, which this class stands in for).
+things in memory instead (server.LocalPresence; both fill server.Presence).
 """
 
 import json
@@ -118,7 +118,7 @@ class Cluster:
     when Redis returns."""
 
     def __init__(self, url: str, peers: dict[str, Any]) -> None:
-        self.peers = peers                         # this process's sockets (server.Peer)
+        self.peers = peers                         # this process's sockets (server.Connection)
         self.local: Counter[str] = Counter()       # user id -> live connections here
         self.available = False                     # Redis answered the last call
         self.outage_logged = False

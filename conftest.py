@@ -20,6 +20,7 @@ import jwt
 import pytest
 import referencing
 import socketio
+import websocket
 
 HERE = Path(__file__).resolve().parent
 SERVER = HERE / "server.py"
@@ -292,6 +293,60 @@ class Tab:
             self.client.disconnect()
 
 
+class WireTab(Tab):
+    """A tab read straight off its websocket, one frame after the other, for
+    checks of the order in which events arrive: python-socketio's Client runs
+    each incoming event in a thread of its own, and one may overtake another."""
+
+    def __init__(self, url: str, auth: dict | None = None) -> None:
+        self.events, self.breaches, self.acks = [], [], {}
+        self.changed = threading.Condition()
+        self.ack_ids = itertools.count(1)
+        self.ws = websocket.create_connection(
+            url.replace("http", "ws") + "/socket.io/?EIO=4&transport=websocket", timeout=WAIT_S)
+        assert self.ws.recv().startswith("0")
+        self.ws.send("40" + json.dumps(auth or {}))
+        connected = self.ws.recv()
+        assert connected.startswith("40{"), connected
+        self.sid = json.loads(connected[2:])["sid"]
+        self.ws.settimeout(None)
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        while True:
+            try:
+                frame = self.ws.recv()
+            except (websocket.WebSocketException, OSError):
+                return
+            if frame == "2":
+                self.ws.send("3")                       # Engine.IO ping
+            elif frame.startswith("42"):
+                self._record(*json.loads(frame[2:]))
+            elif match := re.match(r"43(\d+)", frame):
+                with self.changed:
+                    self.acks[int(match[1])] = json.loads(frame[match.end():])[0]
+                    self.changed.notify_all()
+
+    def call(self, event: str, payload=NOTHING, timeout: float = WAIT_S):
+        ack_id = next(self.ack_ids)
+        packet = [event] if payload is NOTHING else [event, payload]
+        self.ws.send(f"42{ack_id}" + json.dumps(packet))
+        deadline = time.monotonic() + timeout
+        with self.changed:
+            while ack_id not in self.acks:
+                left = deadline - time.monotonic()
+                assert left > 0, f"no ack to {event!r} within {timeout}s"
+                self.changed.wait(left)
+            ack = self.acks[ack_id]
+        problems = CONTRACT.ack_problems(event, ack)
+        assert not problems, f"the ack of {event!r} breaks asyncapi.json: {ack}: {problems}"
+        return ack
+
+    def close(self) -> None:
+        self.ws.close()
+
+
 @pytest.fixture(autouse=True)
 def server_logs_have_no_traceback(request):
     """Every test fails when a server it used logged a traceback (or another
@@ -365,10 +420,16 @@ def connect(server):
     """Open tabs on a server: the shared one, another (`on=`), or any `url=`."""
     tabs = []
 
-    def open_tab(user_id=None, role="user", on=None, token=None, url=None, **kwargs):
+    def open_tab(user_id=None, role="user", on=None, token=None, url=None, wire=False,
+                 **kwargs):
+        """wire=True: a WireTab, for checks of the order events arrive in."""
         if token is None and user_id is not None:
             token = make_token(user_id, role)
-        tab = Tab(url or (on or server).url, token, **kwargs)
+        if wire:
+            auth = kwargs.get("auth") or ({"token": token} if token else {})
+            tab = WireTab(url or (on or server).url, auth)
+        else:
+            tab = Tab(url or (on or server).url, token, **kwargs)
         tabs.append(tab)
         return tab
 

@@ -170,16 +170,16 @@ class Shop:
         self.presence.start(self.sio.start_background_task, self.broadcast_presence)
 
     def stop(self) -> None:
-        """Send what is queued, leave the cluster, let the last emits go out,
+        """Leave the cluster, send what is queued, let the last emits go out,
         and close the database (which checkpoints and removes the WAL)."""
-        self.delivery.stop()
         self.presence.stop()
+        self.delivery.stop()
         eventlet.sleep(SHUTDOWN_FLUSH_S)
         self.store.close()
 
     def broadcast_presence(self, user_ids: list[str], status: str) -> None:
         for user_id in user_ids:
-            self.sio.emit("presence:update", presence_update(user_id, status))
+            self.delivery.send("presence:update", presence_update(user_id, status))
 
 
 # =============================================================================
@@ -218,6 +218,7 @@ class Connection:
     sid: str
     user: User | None
     why_anonymous: str = ""
+    first_tab: bool | None = None     # set once presence has counted it
 
     @property
     def rate_key(self) -> str:
@@ -296,28 +297,39 @@ def handle(shop: Shop, name: str, handler: Handler, user_required: bool, sid: st
 
 # -- connecting, identity and presence --------------------------------------------
 
-def connect(shop: Shop, sid: str, environ: dict, auth: Any) -> None:
+def connect(shop: Shop, sid: str, environ: dict, auth: Any) -> bool:
     user, why = authenticate(handshake_token(environ, auth), shop.secret)
     if user is None and shop.config.require_auth:
         log.info("refused sid=%s reason=%s", sid, why)
         raise socketio.exceptions.ConnectionRefusedError("Unauthorized", {"reason": why})
     connection = shop.connections[sid] = Connection(sid, user, why)
     shop.delivery.hold(sid)            # no logged event reaches it before its catch-up
+    try:
+        if user:
+            shop.store.upsert_user(user)
+        connection.first_tab = shop.presence.join(sid, user.id if user else None)  # Redis waits
+        # The socket enters its rooms, and what it missed is queued (a catch-up
+        # from auth.serverOffset, else saved notifications). The client hears
+        # of its connection when this returns; then they follow.
+        shop.delivery.welcome(connection,
+                              auth.get("serverOffset") if isinstance(auth, dict) else None)
+        if shop.sio.get_environ(sid) is None:
+            raise ConnectionAbortedError("the client left while it was connecting")
+    except Exception as error:
+        # python-socketio calls no disconnect handler for a socket that never
+        # finished connecting: this one forgets it here.
+        level = logging.INFO if isinstance(error, ConnectionAbortedError) else logging.ERROR
+        log.log(level, "connect sid=%s user=%s failed: %s", sid, user_of(connection), error,
+                exc_info=level == logging.ERROR)
+        disconnect(shop, sid, "connect failed")
+        return False
     if user:
-        shop.store.upsert_user(user)
-    first_tab = shop.presence.join(sid, user.id if user else None)   # may wait on Redis
-    if sid not in shop.connections:    # it left meanwhile; disconnect counted it
-        return
+        shop.tabs[user.id] += 1        # a socket that gets what is sent to its user
     log.info("connect sid=%s user=%s role=%s transport=%s", sid, user_of(connection),
              user.role if user else "anonymous", shop.sio.transport(sid))
-    if user:
-        shop.tabs[user.id] += 1
-    # The socket enters its rooms, and what it missed is queued (a catch-up
-    # from auth.serverOffset, else saved notifications). The client hears of
-    # its connection when this returns; then they follow.
-    shop.delivery.welcome(connection, auth.get("serverOffset") if isinstance(auth, dict) else None)
-    if first_tab:
+    if connection.first_tab:
         shop.delivery.send("presence:update", presence_update(user.id, "online"))
+    return True
 
 
 def refuse_other_namespace(namespace: str, sid: str, environ: dict, auth: Any = None) -> None:
@@ -334,12 +346,12 @@ def disconnect(shop: Shop, sid: str, reason: Any = None) -> None:
     user = connection.user
     if user is None or shop.tabs[user.id] <= 1:
         shop.limiter.forget(connection.rate_key)    # its last socket here
-    if user is not None:
+    if user is not None and shop.tabs[user.id] > 0 and reason != "connect failed":
         shop.tabs[user.id] -= 1
         if shop.tabs[user.id] <= 0:
             del shop.tabs[user.id]
-    if shop.presence.leave(sid, user.id if user else None):
-        shop.broadcast_presence([user.id], "offline")
+    if connection.first_tab is not None and shop.presence.leave(sid, user.id if user else None):
+        shop.delivery.send("presence:update", presence_update(user.id, "offline"))
 
 
 def user_of(connection: Connection | None) -> str:
@@ -368,8 +380,7 @@ def leave_room(ctx: Context, data: Any) -> Ack:
     room = room_name(data)
     if ctx.is_reserved_room(room):
         raise Refusal("Access denied")
-    if ctx.in_room(room):
-        ctx.shop.sio.leave_room(ctx.sid, room)
+    if ctx.shop.delivery.leave_room(ctx.sid, room):
         ctx.emit("left", {"event": "left", "room": room, "by": ctx.sid,
                           "user": ctx.connection.public()}, to=room)
     return ok(room=room)
@@ -682,9 +693,10 @@ class Delivery:
         received, then `sync`; or `sync` with complete false when the log
         cannot say (another log, too old, not an offset)."""
         after = self.seq_of(server_offset)
-        newest = self.store.last_seq()
-        complete = after is not None and self.store.pruned_through() <= after <= newest
-        entries = self.store.missed(connection.user, after, self.position) if complete else []
+        with self.store.snapshot():      # another process may prune meanwhile
+            newest, kept_from = self.store.last_seq(), self.store.pruned_through()
+            complete = after is not None and kept_from <= after <= newest
+            entries = self.store.missed(connection.user, after, self.position) if complete else []
         if complete and after > self.position:
             self.held[connection.sid] = after    # committed, and not sent yet: skip those
         else:
@@ -700,7 +712,7 @@ class Delivery:
 
     def replay_undelivered(self, connection: Connection) -> None:
         """Without an offset: the notifications saved while the user had no
-        socket, as before the log (those still to be sent are left to it)."""
+        socket (those the log has still to send are left to it)."""
         self.release(connection.sid)
         if connection.user:
             notes = self.store.claim_undelivered(connection.user.id, self.position)
@@ -721,14 +733,24 @@ class Delivery:
         if since is None:
             return joined, {}
         after = self.seq_of(since)
-        if after is None or after > self.store.last_seq():
-            return joined, {"replayed": 0, "complete": False}
-        kept_from = self.store.pruned_through()
-        entries = self.store.room_messages(room, max(after, kept_from), self.position)
+        with self.store.snapshot():      # another process may prune meanwhile
+            if after is None or after > self.store.last_seq():
+                return joined, {"replayed": 0, "complete": False}
+            kept_from = self.store.pruned_through()
+            entries = self.store.room_messages(room, max(after, kept_from), self.position)
         if entries:
             self.send_missed(sid, [("message", {**e.payload, "offset": self.offset(e.seq)})
                                    for e in entries])
         return joined, {"replayed": len(entries), "complete": after >= kept_from}
+
+    def leave_room(self, sid: str, room: str) -> bool:
+        """leaveRoom: whether the socket was in the room. What the room was
+        sent while it was a member (other processes' too) goes out first."""
+        self.flush()
+        if room not in self.sio.rooms(sid):
+            return False
+        self.sio.leave_room(sid, room)
+        return True
 
     # -- retention ---------------------------------------------------------------
 
@@ -753,6 +775,8 @@ def audience(entry: LogEntry) -> str | list[str] | None:
         return [f"user:{entry.user_id}", *ADMIN_ROOMS]
     if entry.name == "notification:received":
         return f"user:{entry.user_id}"
+    if entry.name == "product:stockUpdated":
+        return None
     return entry.room
 
 
@@ -1015,11 +1039,12 @@ class Storage:
         self.db.execute("BEGIN IMMEDIATE")
         try:
             yield self.db
+            self.db.execute("COMMIT")
         except BaseException:
-            self.db.execute("ROLLBACK")
-            self.logged = []
+            self.logged = []                # events of a change that did not happen
+            if self.db.in_transaction:      # (SQLite may have rolled back by itself)
+                self.db.execute("ROLLBACK")
             raise
-        self.db.execute("COMMIT")
         if self.logged:
             entries, self.logged = self.logged, []
             self.on_commit(entries)
@@ -1093,8 +1118,7 @@ class Storage:
                else json.dumps(request.shipping_address),
                "idempotency_key": request.idempotency_key, "created_at": stamp,
                "updated_at": stamp}
-        self.db.execute(f"INSERT INTO orders ({', '.join(row)})"
-                        f" VALUES ({', '.join('?' * len(row))})", tuple(row.values()))
+        self.db.execute(INSERT_ORDER, tuple(row.values()))
         self.db.executemany(
             "INSERT INTO order_items (order_id, position, product_id, quantity, price_cents)"
             " VALUES (?, ?, ?, ?, ?)",
@@ -1192,8 +1216,8 @@ class Storage:
         sent once that commits, and kept for catch-up."""
         seq = self.db.execute(
             "INSERT INTO events (name, user_id, room, subject, payload, created_at)"
-            " VALUES (?, ?, ?, ?, ?, ?) RETURNING seq",
-            (name, user_id, room, subject, json.dumps(payload), time.time())).fetchone()[0]
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (name, user_id, room, subject, COMPACT_JSON.encode(payload), time.time())).lastrowid
         self.logged.append(LogEntry(seq, name, payload, user_id, room))
 
     def log_id(self) -> str:
@@ -1262,6 +1286,12 @@ class Storage:
             db.execute("UPDATE event_log SET log_id = ?, pruned_through = 0",
                        (secrets.token_hex(4),))
         return removed
+
+
+INSERT_ORDER = ("INSERT INTO orders (id, user_id, status, total_cents, payment_method,"
+                " shipping_address, idempotency_key, created_at, updated_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)")
+COMPACT_JSON = json.JSONEncoder(separators=(",", ":"))   # made once: json.dumps builds one a call
 
 
 def connect_database(path: Path) -> sqlite3.Connection:

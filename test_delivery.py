@@ -47,10 +47,11 @@ def newest_offset(server) -> str:
     return server.get("/api/products")[2]["X-Log-Offset"]
 
 
-def reconnect(connect, user_id, server_offset, role="user", on=None, **kwargs) -> Tab:
+def reconnect(connect, user_id, server_offset, role="user", on=None) -> Tab:
+    """A socket that connects with auth.serverOffset, read off the wire in order."""
     token = make_token(user_id, role) if user_id else None
     auth = {"serverOffset": server_offset, **({"token": token} if token else {})}
-    return connect(on=on, auth=auth, **kwargs)
+    return connect(on=on, auth=auth, wire=True)
 
 
 def events_after(tab: Tab, offset: str) -> list[tuple[str, dict]]:
@@ -93,8 +94,8 @@ def test_every_durable_event_carries_an_offset_and_ephemeral_ones_none(connect):
 def test_offsets_increase_in_commit_order_on_every_socket(connect):
     """A burst of orders from several users at once: every socket receives
     its durable events in increasing offset order, and the offsets are unique."""
-    admin = connect(new_user_id("admin"), "admin")
-    buyers = [connect(new_user_id()) for _ in range(4)]
+    admin = connect(new_user_id("admin"), "admin", wire=True)
+    buyers = [connect(new_user_id(), wire=True) for _ in range(4)]
 
     def buy(tab):
         for _ in range(10):
@@ -115,7 +116,7 @@ def test_the_notification_queue_keeps_log_order_with_orders(connect):
     """Notifications and orders committed one after the other reach their
     recipient in that order."""
     user = new_user_id()
-    tab, admin = connect(user), connect(new_user_id("admin"), "admin")
+    tab, admin = connect(user, wire=True), connect(new_user_id("admin"), "admin")
     for n in range(15):
         admin.call("notification:send", {"toUserId": user, "title": f"#{n}"})
         tab.call("order:create", one_item_order())
@@ -132,7 +133,7 @@ def test_the_notification_queue_keeps_log_order_with_orders(connect):
 def test_catch_up_is_exactly_what_a_second_tab_saw_live_then_sync(connect, server):
     user = new_user_id()
     admin = connect(new_user_id("admin"), "admin")
-    watcher = connect(user)                       # the tab that stays
+    watcher = connect(user, wire=True)            # the tab that stays
     away = connect(user)
     away.call("order:create", one_item_order())
     away.wait_for("order:created")
@@ -352,7 +353,7 @@ def test_without_an_offset_undelivered_notifications_still_come_on_connect(conne
 
 def test_join_room_with_since_replays_the_rooms_messages_after_it_in_order(connect):
     room = new_user_id("room")
-    talker, reader = connect(new_user_id()), connect(new_user_id())
+    talker, reader = connect(new_user_id()), connect(new_user_id(), wire=True)
     talker.call("joinRoom", room)
     reader.call("joinRoom", room)
     talker.call("message", {"room": room, "text": "seen"})
@@ -457,7 +458,7 @@ def test_catch_up_across_processes_both_ways(start_cluster, connect):
 
 def test_two_processes_under_a_burst_deliver_in_log_order(start_cluster, connect):
     a, b = start_cluster(2)
-    admins = [connect(new_user_id("admin"), "admin", on=server) for server in (a, b)]
+    admins = [connect(new_user_id("admin"), "admin", on=server, wire=True) for server in (a, b)]
     buyers = [connect(new_user_id(), on=server) for server in (a, b, a, b)]
     created = []
 

@@ -610,6 +610,20 @@ def test_presence_online_on_first_tab_offline_on_last(connect):
     assert offline["at"] >= online["at"]
 
 
+def test_presence_offline_never_overtakes_online(connect, server):
+    """Connect and disconnect in one long-polling POST (as a page that mounts
+    twice does): a watcher hears online, then offline."""
+    watcher, user = connect(new_user_id(), wire=True), new_user_id()
+    handshake = requests.get(server.url + "/socket.io/?EIO=4&transport=polling", timeout=5)
+    sid = json.loads(handshake.text[1:])["sid"]
+    body = "40" + json.dumps({"token": make_token(user)}) + "\x1e41"
+    requests.post(server.url + f"/socket.io/?EIO=4&transport=polling&sid={sid}", data=body,
+                  timeout=5)
+    watcher.wait_for("presence:update", lambda d: d["userId"] == user and d["status"] == "offline")
+    assert [d["status"] for d in watcher.received("presence:update") if d["userId"] == user] \
+        == ["online", "offline"]
+
+
 def test_presence_reaches_the_new_connection_too(connect):
     user = new_user_id()
     tab = connect(user)
@@ -921,6 +935,22 @@ def test_a_connection_that_never_sends_connect_is_closed_after_connect_timeout(s
     connected.send('421["joinRoom","r"]')
     assert connected.recv() == '431[{"ok":true,"room":"r"}]'
     assert "no Socket.IO CONNECT within 1s" in server.stderr()
+
+
+def test_a_connection_to_the_admin_namespace_alone_is_not_closed_by_connect_timeout(
+        start_server):
+    """The Admin UI connects to /admin only; that is a Socket.IO CONNECT too."""
+    server = start_server(env={"CONNECT_TIMEOUT": "1s", "ADMIN_UI": "teacher:s3cret"})
+    admin = socketio.Client(reconnection=False)
+    admin.connect(server.url, namespaces=["/admin"], transports=["websocket"],
+                  auth={"username": "teacher", "password": "s3cret"}, wait_timeout=5)
+    try:
+        silent = raw_socket(server, None)      # opened after the admin: its timer fires later
+        close_frame(silent, timeout=10)        # the positive control: that one is closed
+        assert admin.connected
+        assert server.stderr().count("no Socket.IO CONNECT within 1s") == 1
+    finally:
+        admin.disconnect()
 
 
 # =============================================================================
@@ -1789,10 +1819,12 @@ def test_the_readme_flow_runs_on_the_official_javascript_client(start_server):
                           capture_output=True, timeout=60, check=False)
     assert done.returncode == 0, done.stderr
     for line in ["whoami { userId: 'alice', role: 'user', email: null, isVerified: false }",
-                 "message { ok: true, sentTo: 'room:lobby' }", "admin got message hi",
-                 "paid paid", "shipped shipped", "bob got on connect: Hi Test"]:
+                 "message { ok: true, sentTo: 'room:lobby' }", "paid paid", "shipped shipped"]:
         assert line in done.stdout.splitlines(), done.stdout
-    assert re.search(r"^created [0-9a-f]{24} pending$", done.stdout, re.MULTILINE)
+    for pattern in (r"^created [0-9a-f]{24} pending$", r"^admin ← message lobby: hi @ ",
+                    r"^alice ← sync: replayed 4, complete true @ ",
+                    r"^bob ← notification:received Hi: Test @ "):
+        assert re.search(pattern, done.stdout, re.MULTILINE), (pattern, done.stdout)
 
 
 def test_websocket_compression_is_declined(server):

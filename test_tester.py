@@ -2,7 +2,8 @@
 
 Chromium comes from the system (Debian's `chromium`; another path in $CHROMIUM)
 and Playwright drives it. The machine has no internet: every test here is also a
-test that the page works offline.
+test that the page works offline. The page holds several clients; every selector
+is scoped to one of them by its data-client number.
 """
 
 import base64
@@ -14,6 +15,8 @@ import os
 import re
 import shutil
 import socket
+import subprocess
+import tarfile
 import threading
 import urllib.parse
 from pathlib import Path
@@ -21,7 +24,7 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import expect, sync_playwright
 
-from conftest import SERVER, free_port
+from conftest import MUG, SERVER, TSHIRT, free_port, make_token
 
 CHROMIUM = os.environ.get("CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_FLAGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic",
@@ -46,8 +49,55 @@ def dev_server(start_server):
     return start_server(env={"JWT_SECRET": None})
 
 
+class Client:
+    """One client of the page (`section.client[data-client=N]`): its steps, cards and log."""
+
+    def __init__(self, page, number: int = 1) -> None:
+        self.page, self.number = page, number
+        self.root = page.locator(f'section.client[data-client="{number}"]')
+        self.log = self.root.locator("ol.log")
+        self.status = self.root.locator(".status")
+
+    def locator(self, selector: str):
+        return self.root.locator(selector)
+
+    def button(self, name: str):
+        return self.root.get_by_role("button", name=name, exact=True)
+
+    def card(self, event: str):
+        return self.root.locator(f'form[data-event="{event}"]')
+
+    def send(self, event: str) -> None:
+        self.card(event).get_by_role("button", name="Send").click()
+
+    def ack(self, event: str):
+        return self.card(event).locator(".ack")
+
+    def connect_as(self, button: str) -> None:
+        self.button(button).click()
+        expect(self.locator(".token")).to_have_value(re.compile("^Bearer "))
+        self.button("Connect").click()
+        expect(self.status).to_contain_text("connected ·")
+
+    def evaluate(self, script: str):
+        """`script` is a function of this client's page object."""
+        return self.page.evaluate(
+            f"n => ({script})(tester.clients.find(c => c.no === n))", self.number)
+
+    def socket_id(self) -> str:
+        return self.evaluate("c => c.socket.id")
+
+    def entries(self) -> list[dict]:
+        """What this client logged, as Export writes it."""
+        return self.page.evaluate(
+            "n => tester.journal.filter(e => e.clientNo === n)", self.number)
+
+    def stock(self, product: str):
+        return self.locator(f'.stock tr[data-product="{product}"] td:last-child')
+
+
 class PageTab:
-    """One tab of ws-tester.html, with every console error it logs."""
+    """One tab of ws-tester.html, with every console error it logs; `client` is its first."""
 
     def __init__(self, browser, url: str, viewport=None) -> None:
         self.context = browser.new_context(viewport=viewport or {"width": 1400, "height": 900})
@@ -59,28 +109,38 @@ class PageTab:
         self.page.route(CDN, lambda route: route.abort())
         self.page.goto(url)
         self.page.wait_for_function("window.testerReady === true")
-        self.log = self.page.locator("#log")
+        self.client = Client(self.page, 1)
+        self.log = self.client.log
+
+    def add_client(self) -> Client:
+        count = self.page.locator("section.client").count()
+        self.page.get_by_role("button", name="+ Add client").click()
+        client = Client(self.page, count + 1)
+        expect(client.root).to_be_attached()
+        return client
 
     def card(self, event: str):
-        return self.page.locator(f'form[data-event="{event}"]')
+        return self.client.card(event)
 
     def send(self, event: str) -> None:
-        self.card(event).get_by_role("button", name="Send").click()
+        self.client.send(event)
 
     def ack(self, event: str):
-        return self.card(event).locator(".ack")
+        return self.client.ack(event)
 
     def connect_as(self, button: str) -> None:
-        self.page.get_by_role("button", name=button, exact=True).click()
-        expect(self.page.locator("#token")).to_have_value(re.compile("^Bearer "))
-        self.page.get_by_role("button", name="Connect", exact=True).click()
-        expect(self.page.locator("#status")).to_contain_text("connected ·")
+        self.client.connect_as(button)
 
     def socket_id(self) -> str:
-        return self.page.evaluate("socket.id")
+        return self.client.socket_id()
 
     def close(self) -> None:
         self.context.close()
+
+
+def no_sideways_scroll(page) -> bool:
+    return page.evaluate(
+        "document.documentElement.scrollWidth <= document.documentElement.clientWidth")
 
 
 @pytest.fixture
@@ -105,11 +165,11 @@ def test_the_original_flow_by_clicking_as_a_user_and_an_admin(dev_server, open_t
     expect(user.log).to_contain_text(f"CONNECTED: {user.socket_id()}")
     expect(user.log).to_contain_text("← presence:update")
     admin.connect_as("demo admin")
-    expect(user.page.locator("#online")).to_contain_text("demo-admin")
+    expect(user.client.locator(".online")).to_contain_text("demo-admin")
 
     user.send("joinRoom")
     expect(user.ack("joinRoom")).to_contain_text('"ok": true')
-    expect(user.page.locator("#rooms")).to_contain_text("lobby")
+    expect(user.client.locator(".rooms")).to_contain_text("lobby")
     admin.send("joinRoom")
     expect(user.log).to_contain_text("← joined")
 
@@ -166,8 +226,8 @@ def test_verbose_shows_the_raw_engine_io_and_socket_io_packets(dev_server, open_
 
 def test_a_bad_token_shows_the_unauthorized_reason(dev_server, open_tester):
     tab = open_tester(dev_server.url)
-    tab.page.locator("#token").fill("not-a-jwt")
-    tab.page.get_by_role("button", name="Connect", exact=True).click()
+    tab.client.locator(".token").fill("not-a-jwt")
+    tab.client.button("Connect").click()
     expect(tab.log).to_contain_text("CONNECTED: ")
     tab.send("whoami")
     expect(tab.ack("whoami")).to_contain_text('"error": "Unauthorized"')
@@ -177,10 +237,10 @@ def test_a_bad_token_shows_the_unauthorized_reason(dev_server, open_tester):
 def test_a_refused_connection_shows_connect_error_with_its_reason(start_server, open_tester):
     server = start_server(env={"REQUIRE_AUTH": "1", "JWT_SECRET": None})
     tab = open_tester(server.url)
-    tab.page.get_by_role("button", name="Connect", exact=True).click()
+    tab.client.button("Connect").click()
     expect(tab.log).to_contain_text("connect_error: Unauthorized")
     expect(tab.log).to_contain_text('"reason": "no token"')
-    expect(tab.page.locator("#status")).to_have_text("refused: Unauthorized")
+    expect(tab.client.status).to_have_text("refused: Unauthorized")
 
 
 def test_invalid_json_is_caught_in_place_and_nothing_is_sent(dev_server, open_tester):
@@ -210,21 +270,21 @@ def test_a_dropped_server_shows_reconnect_attempts_and_the_page_recovers(start_s
     tab = open_tester(server.url)
     tab.connect_as("demo user")
     tab.send("joinRoom")
-    expect(tab.page.locator("#rooms")).to_have_text("lobby")
+    expect(tab.client.locator(".rooms")).to_have_text("lobby")
     first_id = tab.socket_id()
     server.stop()
     expect(tab.log).to_contain_text("DISCONNECTED: transport close")
     expect(tab.log).to_contain_text("reconnect attempt 1")
-    expect(tab.page.locator("#status")).to_have_text("reconnecting…")
+    expect(tab.client.status).to_have_text("reconnecting…")
     start_server(env={"JWT_SECRET": None}, args=("--port", str(port)), db=db)
     expect(tab.log).to_contain_text("reconnected after", timeout=15_000)
-    expect(tab.page.locator("#status")).to_contain_text("connected ·")
+    expect(tab.client.status).to_contain_text("connected ·")
     assert tab.socket_id() != first_id
     tab.send("whoami")
     expect(tab.ack("whoami")).to_contain_text('"userId": "demo-user"')
     # The new socket is in the room again: the page rejoined it, and the server agrees.
     expect(tab.log).to_contain_text("rejoined room lobby after reconnecting")
-    expect(tab.page.locator("#rooms")).to_have_text("lobby")
+    expect(tab.client.locator(".rooms")).to_have_text("lobby")
     tab.send("message")
     expect(tab.ack("message")).to_contain_text('"sentTo": "room:lobby"')
 
@@ -253,10 +313,13 @@ def test_filter_pause_clear_and_copy(dev_server, open_tester):
 
 def test_demo_tokens_are_off_once_jwt_secret_is_set(server, open_tester):
     tab = open_tester(server.url)
-    expect(tab.page.locator("#identity-hint")).to_contain_text("dev tokens are off")
-    tab.page.get_by_role("button", name="demo user").click()
-    expect(tab.page.locator("#identity-hint")).to_contain_text("JWT_SECRET")
-    expect(tab.page.locator("#token")).to_have_value("")
+    expect(tab.client.locator(".identity-hint")).to_contain_text("dev tokens are off")
+    tab.client.button("demo user").click()
+    expect(tab.client.locator(".identity-hint")).to_contain_text("JWT_SECRET")
+    expect(tab.client.locator(".token")).to_have_value("")
+    # With no demo tokens, the step that stands out is pasting one.
+    expect(tab.client.locator('.step[data-step="token"]')).to_have_attribute(
+        "aria-current", "step")
 
 
 def test_opened_from_disk_it_loads_the_pinned_cdn_build_checked_by_its_hash(dev_server, browser):
@@ -271,17 +334,18 @@ def test_opened_from_disk_it_loads_the_pinned_cdn_build_checked_by_its_hash(dev_
         headers={"Access-Control-Allow-Origin": "*"}))
     page.goto((SERVER.parent / "ws-tester.html").as_uri())
     page.wait_for_function("window.testerReady === true")
-    expect(page.locator("#log")).to_contain_text("socket.io-client loaded from the CDN")
-    page.locator("#url").fill(dev_server.url)
+    client = Client(page)
+    expect(client.log).to_contain_text("socket.io-client loaded from the CDN")
+    client.locator(".url-input").fill(dev_server.url)
     # From disk the demo buttons cannot get a token (the server serves them to
     # its own pages only): the page says so, and a token from the banner works.
-    page.get_by_role("button", name="demo admin").click()
-    expect(page.locator("#identity-hint")).to_contain_text(
+    client.button("demo admin").click()
+    expect(client.locator(".identity-hint")).to_contain_text(
         f"demo tokens need the page the server serves: open {dev_server.url}/")
     banner_token = re.search(r"demo admin: (Bearer \S+)", dev_server.stdout())[1]
-    page.locator("#token").fill(banner_token)
-    page.get_by_role("button", name="Connect", exact=True).click()
-    expect(page.locator("#log")).to_contain_text("CONNECTED: ")
+    client.locator(".token").fill(banner_token)
+    client.button("Connect").click()
+    expect(client.log).to_contain_text("CONNECTED: ")
     assert errors == []
     context.close()
 
@@ -350,12 +414,12 @@ def test_a_rebound_host_name_cannot_get_a_dev_token(start_server, browser):
         for server, allowed in [(refused, False), (listed, True)]:
             port = server.url.rsplit(":", 1)[1]
             tab = PageTab(rebinding, f"http://evil.example:{port}/")
-            tab.page.get_by_role("button", name="demo admin").click()
+            tab.client.button("demo admin").click()
             if allowed:  # the positive control: a listed name is served
-                expect(tab.page.locator("#token")).to_have_value(re.compile("^Bearer "))
+                expect(tab.client.locator(".token")).to_have_value(re.compile("^Bearer "))
             else:
-                expect(tab.page.locator("#identity-hint")).to_contain_text("ALLOWED_HOSTS")
-                expect(tab.page.locator("#token")).to_have_value("")
+                expect(tab.client.locator(".identity-hint")).to_contain_text("ALLOWED_HOSTS")
+                expect(tab.client.locator(".token")).to_have_value("")
             tab.close()
     finally:
         rebinding.close()
@@ -364,7 +428,7 @@ def test_a_rebound_host_name_cannot_get_a_dev_token(start_server, browser):
 def test_the_page_fits_a_phone_screen(dev_server, open_tester, tmp_path):
     tab = open_tester(dev_server.url, viewport={"width": 390, "height": 844})
     tab.connect_as("demo user")
-    assert tab.page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+    assert no_sideways_scroll(tab.page)
     tab.page.screenshot(path=tmp_path / "tester-phone.png", full_page=True)
     assert tab.console_errors == []
 
@@ -463,11 +527,9 @@ def test_a_checkout_without_npm_serves_a_tester_that_works_offline(start_server,
     page = context.new_page()
     page.goto(server.url + "/")
     page.wait_for_function("window.testerReady === true")
-    page.get_by_role("button", name="demo user").click()
-    page.get_by_role("button", name="Connect", exact=True).click()
-    expect(page.locator("#status")).to_contain_text("connected ·")
-    page.locator('form[data-event="whoami"]').get_by_role("button", name="Send").click()
-    expect(page.locator('form[data-event="whoami"] .ack')).to_contain_text('"userId": "demo-user"')
+    Client(page).connect_as("demo user")
+    Client(page).send("whoami")
+    expect(Client(page).ack("whoami")).to_contain_text('"userId": "demo-user"')
     context.close()
     assert blocked == []   # it never even tried the CDN
 
@@ -481,12 +543,12 @@ def test_opened_from_disk_it_loads_the_client_from_the_typed_server_first(start_
     page = context.new_page()
     page.goto((checkout / "ws-tester.html").as_uri())
     page.wait_for_function("window.testerReady === true")
-    page.locator("#url").fill(server.url)
-    page.locator("#token").fill(re.search(r"demo user : (Bearer \S+)", server.stdout())[1])
-    page.get_by_role("button", name="Connect", exact=True).click()
-    expect(page.locator("#log")).to_contain_text(
-        f"socket.io-client loaded from the server at {server.url}")
-    expect(page.locator("#status")).to_contain_text("connected ·")
+    client = Client(page)
+    client.locator(".url-input").fill(server.url)
+    client.locator(".token").fill(re.search(r"demo user : (Bearer \S+)", server.stdout())[1])
+    client.button("Connect").click()
+    expect(client.log).to_contain_text(f"socket.io-client loaded from the server at {server.url}")
+    expect(client.status).to_contain_text("connected ·")
     context.close()
 
 
@@ -496,11 +558,12 @@ def test_without_any_client_script_the_page_says_so_plainly(browser, tmp_path):
     page = context.new_page()
     page.goto((checkout_without_npm(tmp_path) / "ws-tester.html").as_uri())
     page.wait_for_function("window.testerReady === true")
-    page.locator("#url").fill(f"http://127.0.0.1:{free_port()}")   # nothing listens there
-    page.get_by_role("button", name="Connect", exact=True).click()
-    expect(page.locator("#status")).to_have_text("no Socket.IO client")
-    page.locator('form[data-event="whoami"]').get_by_role("button", name="Send").click()
-    ack = page.locator('form[data-event="whoami"] .ack')
+    client = Client(page)
+    client.locator(".url-input").fill(f"http://127.0.0.1:{free_port()}")   # nothing listens
+    client.button("Connect").click()
+    expect(client.status).to_have_text("no Socket.IO client")
+    client.send("whoami")
+    ack = client.ack("whoami")
     expect(ack).to_contain_text("Nothing can be sent: the Socket.IO client script could not be"
                                 " loaded")
     expect(ack).not_to_contain_text("press Connect first")
@@ -512,18 +575,19 @@ def test_without_any_client_script_the_page_says_so_plainly(browser, tmp_path):
 def test_the_connection_bar_reads_in_the_order_it_is_used(dev_server, open_tester, tmp_path,
                                                           viewport):
     tab = open_tester(dev_server.url, viewport=viewport)
-    page = tab.page
-    box = {name: page.locator(selector).bounding_box() for name, selector in {
-        "identity": "#identities", "token": "#token", "url": "#url", "transport": "#transport",
-        "connect": "#connect", "disconnect": "#disconnect"}.items()}
+    page, client = tab.page, tab.client
+    box = {name: client.locator(selector).bounding_box() for name, selector in {
+        "identity": ".identities", "token": ".token", "url": ".url-input",
+        "transport": ".transport-select", "connect": "button.connect",
+        "disconnect": "button.disconnect", "drop": "button.drop"}.items()}
     assert box["identity"]["y"] < box["token"]["y"] < box["url"]["y"]      # who, then where,
     assert box["token"]["y"] + box["token"]["height"] < box["connect"]["y"]  # then Connect
-    assert box["connect"]["y"] == box["disconnect"]["y"]          # side by side, not stacked
+    assert box["disconnect"]["y"] == box["drop"]["y"]      # the ways out side by side, on top
     for name, b in box.items():                                     # nothing off the screen
         assert 0 <= b["x"] and b["x"] + b["width"] <= viewport["width"], name
     # The transport select shows its whole option.
     fit = page.evaluate("""() => {  // text and arrow, against the width the select has
-        const select = document.querySelector('#transport');
+        const select = document.querySelector('.client .transport-select');
         const canvas = document.createElement('canvas').getContext('2d');
         canvas.font = getComputedStyle(select).font;
         return [canvas.measureText(select.selectedOptions[0].text).width + 24, select.clientWidth];
@@ -532,13 +596,52 @@ def test_the_connection_bar_reads_in_the_order_it_is_used(dev_server, open_teste
     page.screenshot(path=tmp_path / f"tester-{viewport['width']}.png", full_page=False)
     tab.connect_as("demo user")
     page.evaluate("window.scrollTo(0, document.body.scrollHeight)")
-    status = page.locator("#status").bounding_box()
+    status = client.status.bounding_box()
     assert 0 <= status["y"] < viewport["height"]                    # the status stays in view
     if viewport["width"] < 720:                                     # the log is one tap away
-        page.get_by_role("link", name="Log ↓").click()
-        expect(page.locator("#log-title")).to_be_in_viewport()
+        client.root.get_by_role("link", name="Log ↓").click()
+        expect(client.locator(".log-title")).to_be_in_viewport()
     page.screenshot(path=tmp_path / f"tester-{viewport['width']}-scrolled.png")
+    assert no_sideways_scroll(page)
     assert tab.console_errors == []
+
+
+def test_the_next_step_is_the_one_that_stands_out(dev_server, open_tester):
+    tab = open_tester(dev_server.url)
+    client = tab.client
+    accent = "rgb(36, 86, 211)"
+
+    def background(name):
+        return client.button(name).evaluate("b => getComputedStyle(b).backgroundColor")
+
+    def current():
+        return client.locator('.step[aria-current="step"]')
+
+    # First: who. The demo identities are the loud buttons; Connect and Send are quiet.
+    expect(current()).to_have_attribute("data-step", "identity")
+    expect(current().locator(".step-no")).to_have_text("1")
+    assert background("demo user") == accent and background("demo admin") == accent
+    assert background("Connect") != accent
+    send = client.card("whoami").get_by_role("button", name="Send")
+    assert send.evaluate("b => getComputedStyle(b).backgroundColor") != accent
+    client.send("whoami")                                  # sending now says what to do
+    expect(client.ack("whoami")).to_have_text("Not connected: press Connect first.")
+    # A token: steps 1 and 2 are done, Connect is what to press.
+    client.button("demo user").click()
+    expect(current()).to_have_attribute("data-step", "connect")
+    expect(client.locator('.step[data-step="identity"] .step-no')).to_have_text("✓")
+    assert background("Connect") == accent and background("demo user") != accent
+    # Connected: the steps fold into one line, and Send is the loud button.
+    client.button("Connect").click()
+    expect(client.status).to_contain_text("connected ·")
+    host = dev_server.url.removeprefix("http://")
+    expect(client.locator(".steps-summary")).to_have_text(
+        f"✓ demo-user → ✓ token → ✓ {host} · websocket")
+    expect(client.button("Connect")).to_be_hidden()
+    expect(send).to_have_css("background-color", accent)
+    client.button("Disconnect").click()                    # a clean disconnect opens them
+    expect(client.button("Connect")).to_be_visible()
+    expect(current()).to_have_attribute("data-step", "connect")
 
 
 def test_an_ack_cut_off_by_the_server_closing_shows_the_close_and_its_reason(start_server,
@@ -586,15 +689,31 @@ def test_without_a_contract_the_page_keeps_its_built_in_cards(dev_server, browse
     context.close()
 
 
+THE_ORIGINAL_SEQUENCE = [
+    "whoami", "joinRoom lobby", "message to lobby", "order:create (the 350 example)",
+    "order:updateStatus to paid", "notification:send to itself", "typing to itself",
+    "error: price missing", "error: a bad ObjectId", "error: an unknown event"]
+CATCH_UP = [
+    "catch-up: GET /api/orders gives the state and its offset",
+    "catch-up: connect with auth.serverOffset, then sync",
+    "catch-up: drop the connection (the transport is cut)",
+    "catch-up: while it is away, an order, its payment, a message and a notification",
+    "catch-up: reconnect with the offset: exactly the missed events, in order, once",
+    "catch-up: sync after them, with their count",
+    "catch-up: joinRoom with since replays the room's missed message"]
+CHECK_STEPS = THE_ORIGINAL_SEQUENCE + CATCH_UP
+
+
 def test_check_this_server_passes_every_step_here(dev_server, open_tester):
     tab = open_tester(dev_server.url)
     tab.connect_as("demo user")
     tab.page.get_by_role("button", name="Check this server").click()
     steps = tab.page.locator("#check-results li")
-    expect(steps).to_have_count(10, timeout=20_000)
+    expect(steps).to_have_count(len(CHECK_STEPS), timeout=40_000)
     expect(tab.page.locator('#check-results li[data-ok="false"]')).to_have_count(0)
-    assert steps.first.inner_text() == "whoami"
-    expect(tab.log).to_contain_text("check this server: 10 of 10 steps as the contract says")
+    assert steps.all_inner_texts() == CHECK_STEPS
+    expect(tab.log).to_contain_text(
+        f"check this server: {len(CHECK_STEPS)} of {len(CHECK_STEPS)} steps as the contract says")
 
 
 def test_check_this_server_pinpoints_the_step_where_a_server_departs(start_server, open_tester,
@@ -615,9 +734,345 @@ def test_check_this_server_pinpoints_the_step_where_a_server_departs(start_serve
     tab = open_tester(server.url)
     tab.connect_as("demo user")
     tab.page.get_by_role("button", name="Check this server").click()
-    expect(tab.page.locator("#check-results li")).to_have_count(10, timeout=20_000)
+    expect(tab.page.locator("#check-results li")).to_have_count(len(CHECK_STEPS),
+                                                                 timeout=40_000)
     failed = tab.page.locator('#check-results li[data-ok="false"]')
     expect(failed).to_have_count(1)
     expect(failed).to_contain_text("typing to itself")
     expect(failed.locator("pre")).to_contain_text('payload.ok: "yes" is not true')
     tab.page.screenshot(path=tmp_path / "check-this-server.png", full_page=True)
+
+
+# -- several clients in one page: the presenter's scene --------------------------
+
+def two_clients(tab):
+    """A shopper (#1, demo user) and an admin (#2, demo admin), both connected."""
+    user = tab.client
+    user.connect_as("demo user")
+    admin = tab.add_client()
+    admin.connect_as("demo admin")
+    return user, admin
+
+
+def order_id_in(ack) -> str:
+    return re.search(r'"_id": "([0-9a-f]{24})"', ack.inner_text())[1]
+
+
+def test_two_clients_in_one_page_the_user_orders_the_admin_pays_both_see_it(
+        dev_server, open_tester, tmp_path):
+    tab = open_tester(dev_server.url, viewport={"width": 1280, "height": 800})
+    user, admin = two_clients(tab)
+    # Each clearly labelled: who, socket id, transport, connected; side by side.
+    expect(user.locator(".client-name")).to_have_text("#1demo-user")
+    expect(admin.locator(".client-name")).to_have_text("#2demo-admin (admin)")
+    expect(user.status).to_have_text(f"connected · {user.socket_id()} · websocket")
+    expect(admin.status).to_have_text(f"connected · {admin.socket_id()} · websocket")
+    left, right = user.root.bounding_box(), admin.root.bounding_box()
+    assert left["y"] == right["y"] and left["x"] + left["width"] <= right["x"]
+    assert right["x"] + right["width"] <= 1280
+    for client in (user, admin):          # one card of each event per client, no ambiguity
+        assert client.card("order:updateStatus").count() == 1
+    assert tab.page.locator('form[data-event="order:updateStatus"]').count() == 2
+
+    user.send("order:create")
+    expect(user.ack("order:create")).to_contain_text('"status": "pending"')
+    order_id = order_id_in(user.ack("order:create"))
+    expect(admin.log).to_contain_text("← order:created")
+    expect(admin.card("order:updateStatus").locator("textarea")).to_have_value(
+        re.compile(order_id))
+    admin.card("order:updateStatus").get_by_role(
+        "button", name="order:updateStatus to paid").click()
+    expect(admin.ack("order:updateStatus")).to_contain_text('"status": "paid"')
+    for client in (user, admin):
+        expect(client.log).to_contain_text("← order:updated")
+        expect(client.log).to_contain_text("← product:stockUpdated")
+        expect(client.stock(TSHIRT)).to_have_text(str(dev_server.stock(TSHIRT)))
+        expect(client.stock(MUG)).to_have_text(str(dev_server.stock(MUG)))
+        expect(client.locator(f'.orders li[data-order="{order_id}"]')).to_contain_text("paid")
+    assert dev_server.stock(TSHIRT) == 48
+    # The user's log: what it sent and got; the admin's: what it sent. Never mixed.
+    assert "→ order:create" in user.log.inner_text()
+    assert "→ order:create" not in admin.log.inner_text()
+    assert "→ order:updateStatus" in admin.log.inner_text()
+    assert no_sideways_scroll(tab.page)
+    tab.page.evaluate("window.scrollTo(0, 0)")
+    tab.page.screenshot(path=tmp_path / "two-clients-1280x800.png")
+    assert tab.console_errors == []
+
+
+def test_drop_connection_holds_the_client_offline_and_reconnect_catches_up(
+        dev_server, open_tester, tmp_path):
+    tab = open_tester(dev_server.url, viewport={"width": 1280, "height": 800})
+    user, admin = two_clients(tab)
+    for client in (user, admin):
+        client.send("joinRoom")
+        expect(client.ack("joinRoom")).to_contain_text('"ok": true')
+    user.send("order:create")
+    expect(user.ack("order:create")).to_contain_text('"status": "pending"')
+    order_id = order_id_in(user.ack("order:create"))
+    expect(admin.card("order:updateStatus").locator("textarea")).to_have_value(
+        re.compile(order_id))
+    # Every durable event shows its offset; the client keeps the greatest.
+    created = user.log.locator("li", has_text="← order:created")
+    expect(created.locator(".offset-badge")).to_be_visible()
+    offset_before = user.evaluate("c => c.serverOffset")
+    assert re.fullmatch(r"[0-9a-f]{8}-[0-9]{16}", offset_before)
+
+    user.button("Drop connection").click()
+    expect(user.status).to_have_text("offline · dropped — press Reconnect")
+    expect(admin.locator(".online")).not_to_contain_text("demo-user")   # the server saw it
+    expect(user.locator(".rooms")).to_have_text("lobby (offline)")
+    user.send("whoami")
+    expect(user.ack("whoami")).to_have_text(
+        "Not connected: the connection was dropped, press Reconnect first.")
+
+    # While the shopper is away the admin pays the order and says so in the lobby.
+    admin.card("order:updateStatus").get_by_role(
+        "button", name="order:updateStatus to paid").click()
+    expect(admin.ack("order:updateStatus")).to_contain_text('"status": "paid"')
+    admin.card("message").locator("textarea").fill(
+        json.dumps({"room": "lobby", "text": "paid while you were away"}))
+    admin.send("message")
+    expect(admin.log).to_contain_text('"text": "paid while you were away"')
+    expect(admin.stock(TSHIRT)).to_have_text("48")
+    # Still offline: socket.io-client is told not to come back by itself, and it has not.
+    assert user.evaluate("c => c.socket.io.reconnection()") is False
+    expect(user.status).to_have_text("offline · dropped — press Reconnect")
+    expect(admin.locator(".online")).not_to_contain_text("demo-user")
+    assert "← order:updated" not in user.log.inner_text()
+    expect(user.stock(TSHIRT)).to_have_text("50")           # the stale view, until...
+
+    user.button("Reconnect").click()
+    expect(user.status).to_contain_text("connected ·")
+    expect(user.log).to_contain_text("caught up: 3 missed events replayed")
+    replayed = user.log.locator("li.replayed")
+    expect(replayed.filter(has_text="← order:updated")).to_have_count(1)
+    expect(replayed.filter(has_text="← product:stockUpdated")).to_have_count(2)
+    expect(user.log).to_contain_text(
+        "rejoined room lobby after reconnecting (since offset")
+    expect(replayed.filter(has_text="paid while you were away")).to_have_count(1)
+    expect(user.stock(TSHIRT)).to_have_text("48")
+    expect(user.locator(f'.orders li[data-order="{order_id}"]')).to_contain_text("paid")
+    # Nothing twice: every offset this client logged, once: order:created live, then
+    # order:updated and two stock updates at the catch-up, and the lobby message.
+    offsets = [e["offset"] for e in user.entries() if e.get("offset")]
+    assert len(offsets) == len(set(offsets)) == 5, offsets
+    # The handshake after the drop carried the offset kept before it.
+    entries = user.entries()
+    assert any(f"catching up from offset {int(offset_before[-16:])}" in e["text"]
+               for e in entries), [e["text"] for e in entries]
+    assert user.evaluate("c => c.serverOffset") > offset_before
+    # A live event after the catch-up is not marked replayed.
+    admin.card("message").locator("textarea").fill(
+        json.dumps({"room": "lobby", "text": "and now live"}))
+    admin.send("message")
+    expect(user.log.locator("li", has_text='"text": "and now live"')).to_have_count(1)
+    expect(user.log.locator("li.replayed", has_text='"text": "and now live"')).to_have_count(0)
+    tab.page.evaluate("window.scrollTo(0, 0)")
+    tab.page.screenshot(path=tmp_path / "caught-up-1280x800.png")
+    assert tab.console_errors == []
+
+
+def test_on_a_phone_the_clients_are_tabs(dev_server, open_tester, tmp_path):
+    tab = open_tester(dev_server.url, viewport={"width": 390, "height": 844})
+    page = tab.page
+    # "Check this server" is on the first screen, not at the bottom of the page.
+    check = page.get_by_role("button", name="Check this server").bounding_box()
+    assert check["y"] + check["height"] <= 844
+    user, admin = two_clients(tab)
+    tabs = page.get_by_role("tab")
+    expect(tabs).to_have_count(2)
+    expect(tabs.nth(1)).to_have_attribute("aria-selected", "true")
+    expect(admin.root).to_be_visible()
+    expect(user.root).to_be_hidden()
+    page.get_by_role("tab", name=re.compile("^#1 demo-user")).click()
+    expect(user.root).to_be_visible()
+    expect(admin.root).to_be_hidden()
+    user.send("order:create")
+    expect(user.ack("order:create")).to_contain_text('"status": "pending"')
+    page.get_by_role("tab", name=re.compile("^#2 demo-admin")).click()
+    admin.card("order:updateStatus").get_by_role(
+        "button", name="order:updateStatus to paid").click()
+    expect(admin.ack("order:updateStatus")).to_contain_text('"status": "paid"')
+    expect(admin.stock(TSHIRT)).to_have_text("48")
+    page.get_by_role("tab", name=re.compile("^#1 demo-user")).click()
+    expect(user.stock(TSHIRT)).to_have_text("48")
+    assert no_sideways_scroll(page)
+    page.evaluate("window.scrollTo(0, 0)")
+    page.screenshot(path=tmp_path / "two-clients-390x844.png")
+    page.get_by_role("button", name="Check this server").click()
+    expect(page.locator("#check-results li")).to_have_count(len(CHECK_STEPS), timeout=40_000)
+    expect(page.locator('#check-results li[data-ok="false"]')).to_have_count(0)
+    expect(page.locator("#check-title")).to_be_in_viewport()
+    assert no_sideways_scroll(page)
+    page.screenshot(path=tmp_path / "check-390x844.png")
+    assert tab.console_errors == []
+
+
+@pytest.mark.parametrize("width", [1280, 1024, 390])
+def test_no_sideways_scroll_with_two_clients_and_every_panel_open(dev_server, open_tester,
+                                                                   tmp_path, width):
+    tab = open_tester(dev_server.url, viewport={"width": width, "height": 800})
+    assert no_sideways_scroll(tab.page)                  # one client, nothing connected
+    user, _ = two_clients(tab)
+    if width < 720:
+        tab.page.get_by_role("tab", name=re.compile("^#1")).click()
+    user.locator(".verbose").check()
+    user.send("whoami")
+    expect(user.log).to_contain_text("Socket.IO ACK")
+    tab.page.get_by_role("button", name="Check this server").click()
+    expect(tab.page.locator("#check-results li")).to_have_count(len(CHECK_STEPS),
+                                                                timeout=40_000)
+    with tab.page.expect_download() as download:
+        tab.page.get_by_role("button", name="Export log").click()
+    saved = tmp_path / "log.json"
+    download.value.save_as(saved)
+    with tab.page.expect_file_chooser() as chooser:
+        tab.page.get_by_role("button", name="Open log file").click()
+    chooser.value.set_files(saved)
+    expect(tab.page.locator("#log-file")).to_be_visible()
+    expect(tab.page.locator("#contract-source")).to_contain_text(dev_server.url)
+    assert no_sideways_scroll(tab.page)
+
+
+# -- keep what you did -----------------------------------------------------------
+
+def test_an_edited_payload_survives_a_reload_for_every_client_until_reset(dev_server,
+                                                                          open_tester):
+    tab = open_tester(dev_server.url)
+    page = tab.page
+    example = tab.card("message").locator("textarea").input_value()
+    assert '"Hello!"' in example
+    edited = json.dumps({"room": "lobby", "text": "kept across a reload"}, indent=2)
+    tab.card("message").locator("textarea").fill(edited)
+    expect(tab.card("message").locator(".edited")).to_be_visible()
+    page.reload()
+    page.wait_for_function("window.testerReady === true")
+    expect(tab.card("message").locator("textarea")).to_have_value(edited)
+    expect(tab.card("message").locator(".edited")).to_be_visible()
+    expect(tab.card("whoami").locator(".edited")).to_be_hidden()     # per event
+    second = tab.add_client()                                         # shared by the clients
+    expect(second.card("message").locator("textarea")).to_have_value(edited)
+    # The edit is what gets sent.
+    tab.connect_as("demo user")
+    tab.send("joinRoom")
+    expect(tab.ack("joinRoom")).to_contain_text('"ok": true')
+    tab.send("message")
+    expect(tab.log).to_contain_text('"text": "kept across a reload"')
+    # The way back: the contract's example, for good.
+    tab.card("message").get_by_role("button", name="↺ example").click()
+    expect(tab.card("message").locator("textarea")).to_have_value(example)
+    expect(tab.card("message").locator(".edited")).to_be_hidden()
+    page.reload()
+    page.wait_for_function("window.testerReady === true")
+    expect(tab.card("message").locator("textarea")).to_have_value(example)
+    assert tab.console_errors == []
+
+
+def test_the_log_exports_to_json_and_opens_back_read_only(dev_server, open_tester, tmp_path):
+    tab = open_tester(dev_server.url)
+    page = tab.page
+    user = tab.client
+    user.locator(".verbose").check()              # the raw CONNECT packet carries the token
+    user.connect_as("demo user")
+    user.send("whoami")
+    expect(user.ack("whoami")).to_contain_text('"userId": "demo-user"')
+    admin = tab.add_client()
+    admin.connect_as("demo admin")
+    user.send("order:create")
+    expect(admin.log).to_contain_text("← order:created")
+    tokens = [client.locator(".token").input_value().split()[1] for client in (user, admin)]
+
+    with page.expect_download() as download:
+        page.get_by_role("button", name="Export log").click()
+    saved = tmp_path / download.value.suggested_filename
+    download.value.save_as(saved)
+    assert saved.name.startswith("shop-realtime-log-") and saved.suffix == ".json"
+    text = saved.read_text()
+    assert not any(token in text for token in tokens) and "eyJ" not in text   # never a token
+    exported = json.loads(text)
+    entries = exported["entries"]
+    assert exported["clients"] == ["#1 demo-user", "#2 demo-admin (admin)"]
+    for entry in entries:
+        assert {"time", "client", "direction", "event", "payload", "ack"} <= entry.keys()
+    # Each entry names its client as it was then (#1 was anonymous until its token).
+    assert {e["client"] for e in entries} == {"#1 anonymous", "#1 demo-user",
+                                              "#2 demo-admin (admin)"}
+    whoami = next(e for e in entries if e["direction"] == "out" and e["event"] == "whoami")
+    assert whoami["client"] == "#1 demo-user" and whoami["payload"] is None
+    assert whoami["ack"]["userId"] == "demo-user"
+    created = next(e for e in entries if e["client"] == "#2 demo-admin (admin)"
+                   and e["direction"] == "in" and e["event"] == "order:created")
+    assert created["payload"]["order"]["total"] == 350 and created["offset"]
+    assert any("CONNECT" in e["text"] and "token hidden" in e["text"] for e in entries)
+    assert len(entries) == len(user.entries()) + len(admin.entries())
+
+    with page.expect_file_chooser() as chooser:
+        page.get_by_role("button", name="Open log file").click()
+    chooser.value.set_files(saved)
+    view = page.locator("#log-file")
+    expect(view).to_be_visible()
+    expect(view.locator("#log-file-about")).to_contain_text(
+        f"{saved.name} · {len(entries)} entries")
+    lines = view.locator("#log-file-entries > li")
+    expect(lines).to_have_count(len(entries))
+    for n in (0, entries.index(whoami), entries.index(created), len(entries) - 1):
+        expect(lines.nth(n).locator(".client-tag")).to_have_text(entries[n]["client"])
+        expect(lines.nth(n).locator(".label")).to_have_text(entries[n]["text"])
+    expect(lines.nth(entries.index(created)).locator(".offset-badge")).to_be_visible()
+    # Read-only: nothing to edit or send in it.
+    assert view.locator("textarea, input, select").count() == 0
+    expect(view.get_by_role("button")).to_have_count(1)                    # Close
+    view.get_by_role("button", name="Close").click()
+    expect(view).to_be_hidden()
+    assert tab.console_errors == []
+
+
+# -- Never miss an update, checked against a server without it -------------------
+
+def without_never_miss(tmp_path) -> Path:
+    """This project before section 9 of the protocol, checked out beside it."""
+    checkout = tmp_path / "before-never-miss"
+    checkout.mkdir()
+    archive = subprocess.run(["git", "-C", str(SERVER.parent), "archive", "8f40587"],
+                             capture_output=True, check=True, timeout=60).stdout
+    archive_file = tmp_path / "before-never-miss.tar"
+    archive_file.write_bytes(archive)
+    with tarfile.open(archive_file) as tar:
+        tar.extractall(checkout, filter="data")
+    return checkout / "server.py"
+
+
+def test_check_this_server_is_red_on_the_catch_up_of_a_server_without_it(start_server,
+                                                                        browser, tmp_path):
+    old = start_server(script=without_never_miss(tmp_path))
+    assert old.get("/api/orders")[0] == 404               # it really is the older server
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    # The page under test is this one, opened from disk and pointed at the older server.
+    page.goto((SERVER.parent / "ws-tester.html").as_uri())
+    page.wait_for_function("window.testerReady === true")
+    client = Client(page)
+    client.locator(".url-input").fill(old.url)
+    client.locator(".token").fill(make_token("checker"))
+    client.button("Connect").click()
+    expect(client.status).to_contain_text("connected ·")
+    expect(client.log).to_contain_text("this server gave no log offset")
+    page.get_by_role("button", name="Check this server").click()
+    steps = page.locator("#check-results li")
+    expect(steps).to_have_count(len(CHECK_STEPS), timeout=60_000)
+    names = [line.split("\n")[0] for line in steps.all_inner_texts()]
+    assert names == CHECK_STEPS
+    failed = page.locator('#check-results li[data-ok="false"]')
+    failed_names = [line.split("\n")[0] for line in failed.all_inner_texts()]
+    # The original sequence passes: it is a server of the protocol, without section 9.
+    assert not set(failed_names) & set(THE_ORIGINAL_SEQUENCE), failed_names
+    assert set(failed_names) >= {CATCH_UP[0], CATCH_UP[1], CATCH_UP[4], CATCH_UP[5],
+                                 CATCH_UP[6]}, failed_names
+    expect(failed.filter(has_text=CATCH_UP[1]).locator("pre")).to_contain_text("no sync within")
+    expect(failed.filter(has_text=CATCH_UP[0]).locator("pre")).to_contain_text(
+        "GET /api/orders")
+    expect(client.log).to_contain_text(
+        f"check this server: {len(CHECK_STEPS) - len(failed_names)} of {len(CHECK_STEPS)} steps")
+    page.screenshot(path=tmp_path / "check-before-never-miss.png", full_page=True)
+    context.close()

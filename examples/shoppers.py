@@ -20,6 +20,7 @@ import argparse
 import json
 import random
 import sys
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -56,8 +57,12 @@ class Shopper:
         self.client.disconnect()
 
 
+PRINTING = threading.Lock()   # events come on the clients' threads: one line at a time
+
+
 def say(who: str, action: str, outcome: str) -> None:
-    print(f"{time.strftime('%H:%M:%S')}  {who:<12} {action:<28} {outcome}", flush=True)
+    with PRINTING:
+        print(f"{time.strftime('%H:%M:%S')}  {who:<12} {action:<28} {outcome}", flush=True)
 
 
 def outcome(ack: dict) -> str:
