@@ -385,3 +385,21 @@ def test_every_durable_event_is_described_with_an_offset():
     document = json.loads((Path(server.__file__).parent / "asyncapi.json").read_text())
     text = json.dumps(document)
     assert all(name in text for name in server.DURABLE_EVENTS)
+
+
+def test_another_library_version_stops_the_server_unless_allowed(monkeypatch, caplog):
+    monkeypatch.setattr(server.adapters, "check_versions",
+                        lambda: ["python-socketio 9.9.9 (tested: 5.18.1)"])
+    with pytest.raises(ConfigError, match=r"installed python-socketio 9\.9\.9 \(tested: 5\.18\.1\):"
+                       r" .*pip install -r requirements\.txt.*--allow-untested-libraries"):
+        server.check_libraries(server.Config())
+    server.check_libraries(server.Config(allow_untested_libraries=True))
+    assert "running with untested python-socketio 9.9.9" in caplog.text
+
+
+def test_untested_libraries_are_allowed_by_flag_or_environment():
+    args = server.parse_args(["--allow-untested-libraries"])
+    assert server.load_config(args, {}).allow_untested_libraries is True
+    plain = server.parse_args([])
+    assert server.load_config(plain, {"ALLOW_UNTESTED_LIBRARIES": "1"}).allow_untested_libraries
+    assert not server.load_config(plain, {}).allow_untested_libraries
