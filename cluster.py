@@ -185,10 +185,6 @@ class Cluster:
             return False
         return total == 0 if total is not None else user_id not in self.local
 
-    def is_online(self, user_id: str) -> bool:
-        return bool(self.ask(lambda: self.redis.hexists(self.key("online"), user_id),
-                             user_id in self.local))
-
     def is_socket(self, name: str) -> bool:
         """A socket id of any process: Socket.IO keeps a private room under it."""
         return name in self.peers or bool(

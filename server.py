@@ -219,6 +219,7 @@ class Connection:
     user: User | None
     why_anonymous: str = ""
     first_tab: bool | None = None     # set once presence has counted it
+    listening: bool = False           # counted in shop.tabs: it gets what its user is sent
 
     @property
     def rate_key(self) -> str:
@@ -324,7 +325,8 @@ def connect(shop: Shop, sid: str, environ: dict, auth: Any) -> bool:
         disconnect(shop, sid, "connect failed")
         return False
     if user:
-        shop.tabs[user.id] += 1        # a socket that gets what is sent to its user
+        shop.tabs[user.id] += 1
+        connection.listening = True
     log.info("connect sid=%s user=%s role=%s transport=%s", sid, user_of(connection),
              user.role if user else "anonymous", shop.sio.transport(sid))
     if connection.first_tab:
@@ -344,12 +346,12 @@ def disconnect(shop: Shop, sid: str, reason: Any = None) -> None:
     log.info("disconnect sid=%s user=%s reason=%s", sid, user_of(connection), reason)
     shop.delivery.release(sid)
     user = connection.user
-    if user is None or shop.tabs[user.id] <= 1:
-        shop.limiter.forget(connection.rate_key)    # its last socket here
-    if user is not None and shop.tabs[user.id] > 0 and reason != "connect failed":
+    if connection.listening:
         shop.tabs[user.id] -= 1
         if shop.tabs[user.id] <= 0:
             del shop.tabs[user.id]
+    if user is None or user.id not in shop.tabs:
+        shop.limiter.forget(connection.rate_key)    # its last socket here
     if connection.first_tab is not None and shop.presence.leave(sid, user.id if user else None):
         shop.delivery.send("presence:update", presence_update(user.id, "offline"))
 
@@ -564,6 +566,10 @@ class Delivery:
         compare as strings, and one of another log is never taken for ours."""
         return f"{self.log_id}-{seq:016d}"
 
+    def with_offset(self, entry: LogEntry) -> dict:
+        """A logged event as it is sent: its payload and its offset."""
+        return {**entry.payload, "offset": self.offset(entry.seq)}
+
     def seq_of(self, offset: Any) -> int | None:
         """The position an offset of this log names, or None."""
         match = OFFSET.fullmatch(offset) if isinstance(offset, str) else None
@@ -646,7 +652,7 @@ class Delivery:
             self.held = {sid: upto for sid, upto in self.held.items() if upto >= entry.seq}
             skip = list(self.held) or None
         self.call(functools.partial(
-            self.sio.emit, entry.name, {**entry.payload, "offset": self.offset(entry.seq)},
+            self.sio.emit, entry.name, self.with_offset(entry),
             to=audience(entry), skip_sid=skip, ignore_queue=self.shared))
         self.position = entry.seq
         if entry.name == "notification:received" and self.shop.tabs[entry.user_id]:
@@ -704,7 +710,7 @@ class Delivery:
         notes = [e.payload["id"] for e in entries if e.name == "notification:received"]
         if notes:
             self.store.mark_delivered(notes)
-        replay = [(e.name, {**e.payload, "offset": self.offset(e.seq)}) for e in entries]
+        replay = [(e.name, self.with_offset(e)) for e in entries]
         sync_at = max(self.position, after) if complete else self.position
         self.send_missed(connection.sid, [*replay, ("sync", {
             "event": "sync", "offset": self.offset(sync_at), "replayed": len(replay),
@@ -739,8 +745,7 @@ class Delivery:
             kept_from = self.store.pruned_through()
             entries = self.store.room_messages(room, max(after, kept_from), self.position)
         if entries:
-            self.send_missed(sid, [("message", {**e.payload, "offset": self.offset(e.seq)})
-                                   for e in entries])
+            self.send_missed(sid, [("message", self.with_offset(e)) for e in entries])
         return joined, {"replayed": len(entries), "complete": after >= kept_from}
 
     def leave_room(self, sid: str, room: str) -> bool:
@@ -791,7 +796,6 @@ class Presence(Protocol):
     def start(self, spawn: Callable, announce: Callable[[list[str], str], None]) -> None: ...
     def join(self, sid: str, user_id: str | None) -> bool: ...
     def leave(self, sid: str, user_id: str | None) -> bool: ...
-    def is_online(self, user_id: str) -> bool: ...
     def is_socket(self, name: str) -> bool: ...
     def users_online(self) -> int: ...
     def stop(self) -> None: ...
@@ -836,9 +840,6 @@ class LocalPresence:
             return False
         del self.online[user_id]
         return True
-
-    def is_online(self, user_id: str) -> bool:
-        return user_id in self.online
 
     def is_socket(self, name: str) -> bool:
         """A socket id: Socket.IO keeps a private room under it."""
@@ -1159,7 +1160,7 @@ class Storage:
             " ORDER BY rowid DESC LIMIT ?",
             (user.is_admin, user.id, status, status, before, before, limit + 1)).fetchall()
         orders = [order_json(row, self.order_items(row["id"])) for row in rows[:limit]]
-        return orders, rows[limit - 1]["cursor"] if len(rows) > limit else None
+        return orders, next_cursor(rows, limit)
 
     # -- notifications ------------------------------------------------------------
 
@@ -1205,8 +1206,7 @@ class Storage:
             "SELECT rowid AS cursor, * FROM notifications WHERE to_user_id = ?"
             " AND (? IS NULL OR rowid < ?) ORDER BY rowid DESC LIMIT ?",
             (user_id, before, before, limit + 1)).fetchall()
-        return ([notification_received(row) for row in rows[:limit]],
-                rows[limit - 1]["cursor"] if len(rows) > limit else None)
+        return [notification_received(row) for row in rows[:limit]], next_cursor(rows, limit)
 
     # -- the event log ------------------------------------------------------------
 
@@ -1292,6 +1292,12 @@ INSERT_ORDER = ("INSERT INTO orders (id, user_id, status, total_cents, payment_m
                 " shipping_address, idempotency_key, created_at, updated_at)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)")
 COMPACT_JSON = json.JSONEncoder(separators=(",", ":"))   # made once: json.dumps builds one a call
+
+
+def next_cursor(rows: list[sqlite3.Row], limit: int) -> int | None:
+    """A page query reads one row more than it returns: there is a next page
+    if it came, and it starts before the page's last row."""
+    return rows[limit - 1]["cursor"] if len(rows) > limit else None
 
 
 def connect_database(path: Path) -> sqlite3.Connection:

@@ -403,3 +403,23 @@ def test_untested_libraries_are_allowed_by_flag_or_environment():
     plain = server.parse_args([])
     assert server.load_config(plain, {"ALLOW_UNTESTED_LIBRARIES": "1"}).allow_untested_libraries
     assert not server.load_config(plain, {}).allow_untested_libraries
+
+
+def test_the_events_of_a_change_that_did_not_commit_are_never_sent(tmp_path):
+    """SQLite may roll a transaction back by itself (disk full, I/O error);
+    what it logged must not ride out with the next commit."""
+    store = server.Storage(tmp_path / "shop.db")
+    sent: list = []
+    store.on_commit = sent.extend
+    try:
+        with pytest.raises(RuntimeError), store.transaction() as db:
+            store.log_event("message", {"text": "rolled back"}, room="r")
+            db.execute("ROLLBACK")             # as SQLite does on its own
+            raise RuntimeError("the write failed")
+        with store.transaction():
+            store.log_event("message", {"text": "kept"}, room="r")
+        assert [entry.payload["text"] for entry in sent] == ["kept"]
+        assert [entry.payload["text"] for entry in store.log_entries(0, store.last_seq())] \
+            == ["kept"]
+    finally:
+        store.close()
