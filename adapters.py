@@ -8,8 +8,8 @@ table copied — for one of two reasons, stated at each place:
   long-polling bodies, a connection that never sends CONNECT) gets one log
   line and a closed connection, where the libraries would log a traceback,
   answer an HTTP 500 inside a websocket, or keep the session open;
-- speed, measured with `python bench/run.py --against REV` (README
-  "Performance"): each speed-up says what it earns.
+- speed, measured with `python bench/run.py --against REV` or in instructions
+  under callgrind (README "Performance"): each speed-up says what it earns.
 
 It was written and tested against the versions in TESTED_WITH (pinned in
 requirements.txt); `check_versions` compares them with what is installed, and
@@ -31,7 +31,7 @@ import logging
 import time
 import warnings
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import parse_qs
 
 with warnings.catch_warnings():
@@ -60,6 +60,13 @@ SHOWN_MAX = 100
 EVENT_PACKETS = (socketio.packet.EVENT, socketio.packet.BINARY_EVENT)
 PACKET_TYPES = frozenset("0123456")              # Socket.IO: CONNECT ... BINARY_ACK
 ENGINEIO_CLIENT_PACKETS = frozenset("123456b")   # close ping pong message upgrade noop, b: base64
+
+
+class MessageHandling(Protocol):
+    """What StrictServer tells of each Socket.IO packet it hands to python-socketio."""
+
+    def message_started(self) -> None: ...
+    def message_handled(self) -> None: ...
 
 
 # =============================================================================
@@ -206,13 +213,15 @@ class StrictServer(socketio.Server):
 
     `argument_problem(raw packet, decoded data)` says why an event's
     arguments cannot be taken (or None); `who(sid)` names the user behind a
-    socket in log lines."""
+    socket in log lines; `around_message` is told when a message's handling
+    starts and ends (see _handle_eio_message)."""
 
     def __init__(self, *, connect_timeout_s: float, max_payload_bytes: int,
                  argument_problem: Callable[[str, Any], str | None],
-                 who: Callable[[str], str], **options: Any) -> None:
+                 who: Callable[[str], str], around_message: MessageHandling,
+                 **options: Any) -> None:
         self.connect_timeout_s, self.max_payload_bytes = connect_timeout_s, max_payload_bytes
-        self.who_is = who
+        self.who_is, self.around_message = who, around_message
         serializer = type("Packet", (LenientPacket,),
                           {"argument_problem": staticmethod(argument_problem)})
         super().__init__(serializer=serializer, json=PacketJSON,
@@ -222,13 +231,23 @@ class StrictServer(socketio.Server):
         return functools.partial(CheckedEngineServer, self)
 
     def _handle_eio_message(self, eio_sid: str, data: str | bytes | None) -> None:
+        """One Socket.IO packet, handled in this connection's greenlet (the
+        server runs with async_handlers=False). When python-socketio returns
+        here, a handler's ack (or CONNECT's answer) is queued on its socket:
+        what the handler queued for delivery can go right after it, from this
+        greenlet. Woken in a greenlet of its own instead, the delivery costs a
+        turn of the hub per event (fan-out 10: ~60,000 instructions a message,
+        about 4 %; README "Performance")."""
         if not data:            # "4" alone: python-socketio would take it for an event
             self.close_session(eio_sid, "an empty Engine.IO message")
             return
+        self.around_message.message_started()
         try:
             super()._handle_eio_message(eio_sid, data)
         except ValueError as error:   # NotAPacket, or python-socketio's own refusals
             self.close_session(eio_sid, f"not a Socket.IO packet ({error})")
+        finally:
+            self.around_message.message_handled()
 
     def _handle_eio_connect(self, eio_sid: str, environ: dict) -> None:
         super()._handle_eio_connect(eio_sid, environ)

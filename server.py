@@ -54,18 +54,17 @@ import time
 import warnings
 from collections import Counter, defaultdict, deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 from urllib.parse import parse_qs
 
 import adapters  # first: it imports eventlet without its notice of maintenance mode
 
 # isort: split
 import eventlet
-import eventlet.queue
 import eventlet.semaphore
 import eventlet.tpool
 import eventlet.wsgi
@@ -101,7 +100,7 @@ TRANSITIONS = {
     "cancelled": set(),
 }
 OWNER_MAY_SET = {"paid", "cancelled"}
-# Written to the event log with the change they report, and replayed (section 9).
+# Written to the event log with the change they report, and replayed (see Delivery).
 DURABLE_EVENTS = ("order:created", "order:updated", "product:stockUpdated",
                   "notification:received", "message")
 
@@ -141,10 +140,13 @@ class Shop:
             self.presence, manager = LocalPresence(self.connections), None
             self.limiter = RateLimiter(cfg.rate_limits)
         self.metrics = Metrics()
+        self.delivery = Delivery(self)
+        self.store.on_commit = self.delivery.committed
         self.sio = adapters.StrictServer(
             async_mode="eventlet", client_manager=manager, cors_allowed_origins=cfg.cors_origins,
             max_payload_bytes=cfg.max_payload_bytes, connect_timeout_s=cfg.connect_timeout_s,
-            argument_problem=argument_problem, logger=False, engineio_logger=False,
+            argument_problem=argument_problem, around_message=self.delivery,
+            logger=False, engineio_logger=False,
             who=lambda sid: user_of(self.connections.get(sid)),
             namespaces="*",          # every other namespace reaches refuse_other_namespace
             # Each socket's events run one after the other in its connection's
@@ -159,8 +161,6 @@ class Shop:
         self.sio.on("*", functools.partial(unknown_event, self))
         if cfg.admin_ui:
             self.sio.instrument(auth={"username": cfg.admin_ui[0], "password": cfg.admin_ui[1]})
-        self.delivery = Delivery(self)
-        self.store.on_commit = self.delivery.committed
         self.app = adapters.transport_middleware(
             self.sio, socketio.WSGIApp(self.sio, functools.partial(http_app, self)))
 
@@ -264,14 +264,10 @@ def event(name: str, user_required: bool = False) -> Callable[[Handler], Handler
 
 def handle(shop: Shop, name: str, handler: Handler, user_required: bool, sid: str,
            *args: Any) -> Ack | None:
-    """The rules every event shares (see the top of this section)."""
     connection = shop.connections.get(sid)
     if connection is None:          # the socket left while this was in flight
         return None
     started = time.perf_counter()
-    # What earlier handlers left to send goes out before this one changes
-    # anything: a message reaches the room as it was when it was sent.
-    shop.delivery.flush(follow_log=False)
     try:
         shop.limiter.check(connection.rate_key, name)
         if len(args) > 1:
@@ -404,8 +400,7 @@ def message(ctx: Context, data: Any) -> Ack:
     payload = {"room": room, "text": text, "from": ctx.connection.public(), "ts": now_iso()}
     if meta is not None:
         payload["meta"] = meta
-    with ctx.store.transaction():
-        ctx.store.log_event("message", payload, room=room)
+    ctx.store.log_event("message", payload, room=room)      # a transaction of its own
     return ok(sentTo=f"room:{room}")
 
 
@@ -453,7 +448,7 @@ def order_update_status(ctx: Context, data: Any) -> Ack:
             return ok(order=ctx.store.order(order_id))     # already there: a no-op
         stock_changes = []
         if sign := stock_movement(current, status):                # -1 taken, +1 given back
-            moved = ctx.store.order_quantities(order_id)
+            moved = quantities(ctx.store.order_items(order_id))
             if sign < 0:
                 check_stock(moved, ctx.store.catalogue(moved))
             stock_changes = ctx.store.add_stock(moved, sign)
@@ -512,28 +507,23 @@ def unknown_event(shop: Shop, name: str, sid: str, *args: Any) -> Ack | None:
 #
 # Every durable event is written to the log in the transaction of the change
 # it reports (Storage.log_event), so a crash between commit and emit loses
-# nothing. What the server sends then leaves through one queue, drained by one
-# greenlet in the order it was put there: logged events in log order (each
-# with its offset), events that are not logged (joined, left, typing,
-# presence), and what a socket missed (catch-up, room history). Handlers
-# only queue, so a client reads its own ack first; the queue
-# is sent when the worker next runs, or before the next event is handled,
-# whichever comes first.
-#
-# One position: `position` is the last logged event sent. A socket that
-# catches up first has the queue sent (flush), then enters its rooms at that
-# position and has what it missed up to there queued, with nothing waiting in
-# between: every later event reaches it live, after its catch-up, none twice.
-# With REDIS_URL every process follows the shared log and sends each event to
-# its own sockets only (ignore_queue), so two processes' events reach every
-# socket in log order too.
+# nothing. Everything the server sends leaves through one queue, in order:
+# logged events in log order with their offsets, the events that are not
+# logged, and what a socket missed. Handlers only queue, and the queue is sent
+# right after the ack (message_handled) or by the worker greenlet (what comes
+# from elsewhere): a client reads its own ack first. A catching-up socket has
+# the queue sent first, then enters its rooms at that position with what it
+# missed queued, nothing waiting in between: no event reaches it twice or too
+# early.
+# With REDIS_URL each process follows the shared log and sends to its own
+# sockets only (ignore_queue), so every socket gets log order too.
 
 OFFSET = re.compile(r"([0-9a-f]{8})-([0-9]{16})")
 
 
-@dataclass(frozen=True, slots=True)
-class LogEntry:
-    """One event of the log: where it goes follows from its name and fields."""
+class LogEntry(NamedTuple):
+    """One event of the log: where it goes follows from its name and fields.
+    (A tuple: made for every durable event, at a third of a dataclass's cost.)"""
     seq: int
     name: str
     payload: dict
@@ -546,15 +536,17 @@ class Delivery:
     in-process queue that notifications go through: saved first, sent here."""
 
     def __init__(self, shop: Shop) -> None:
-        self.shop, self.sio, self.store = shop, shop.sio, shop.store
+        self.shop, self.store = shop, shop.store          # shop.sio is made after it
+        self.shared = bool(shop.config.redis_url)  # other processes write to the log too
         self.log_id = self.store.log_id()
         self.position = self.store.last_seq()     # a new process starts at the end
         self.items: deque = deque()
         self.doorbell = eventlet.semaphore.Semaphore(0)
         self.ringing = False
-        self.sending = eventlet.semaphore.Semaphore()
+        self.handling = 0          # Socket.IO packets being handled (message_started)
+        # Only an emit through Redis can wait: one flush at a time, then.
+        self.sending = eventlet.semaphore.Semaphore() if self.shared else nullcontext()
         self.held: dict[str, float] = {}          # sid -> logged events up to here skip it
-        self.shared = bool(shop.config.redis_url)  # other processes write to the log too
         self.worker: Any = None
         self.pruner: Any = None
         self.stopping = False
@@ -567,7 +559,6 @@ class Delivery:
         return f"{self.log_id}-{seq:016d}"
 
     def with_offset(self, entry: LogEntry) -> dict:
-        """A logged event as it is sent: its payload and its offset."""
         return {**entry.payload, "offset": self.offset(entry.seq)}
 
     def seq_of(self, offset: Any) -> int | None:
@@ -584,7 +575,7 @@ class Delivery:
 
     def send(self, event_name: str, data: dict, **target: Any) -> None:
         """An event that is not logged."""
-        self.items.append(functools.partial(self.sio.emit, event_name, data, **target))
+        self.items.append(functools.partial(self.shop.sio.emit, event_name, data, **target))
         self.ring()
 
     def send_missed(self, sid: str, events: list[tuple[str, dict]]) -> None:
@@ -594,9 +585,24 @@ class Delivery:
         self.ring()
 
     def ring(self) -> None:
-        if not self.ringing:
+        """Wake the worker; not while a packet is handled, whose end sends all."""
+        if not self.ringing and not self.handling:
             self.ringing = True
             self.doorbell.release()
+
+    def message_started(self) -> None:
+        """A client's packet is about to be handled in its connection's
+        greenlet (adapters.StrictServer tells). What is queued from elsewhere
+        goes out first: an event acts on the rooms as they were when it came."""
+        self.handling += 1
+        if self.items:
+            self.flush(follow_log=False)
+
+    def message_handled(self) -> None:
+        """Its handler's ack is queued on the socket: what the handler queued
+        goes now, from the same greenlet, right behind the ack."""
+        self.handling -= 1
+        self.flush(follow_log=False)
 
     # -- the worker --------------------------------------------------------------
 
@@ -651,22 +657,24 @@ class Delivery:
         if self.held:      # sockets still connecting, or ahead of this process
             self.held = {sid: upto for sid, upto in self.held.items() if upto >= entry.seq}
             skip = list(self.held) or None
-        self.call(functools.partial(
-            self.sio.emit, entry.name, self.with_offset(entry),
-            to=audience(entry), skip_sid=skip, ignore_queue=self.shared))
+        try:
+            self.shop.sio.emit(entry.name, self.with_offset(entry), to=audience(entry),
+                          skip_sid=skip, ignore_queue=self.shared)
+        except Exception:
+            log.exception("sending failed")
         self.position = entry.seq
         if entry.name == "notification:received" and self.shop.tabs[entry.user_id]:
             self.store.mark_delivered([entry.payload["id"]])
 
     def emit_to(self, sid: str, events: list[tuple[str, dict]]) -> None:
         for name, data in events:
-            self.sio.emit(name, data, to=sid, ignore_queue=self.shared)
+            self.shop.sio.emit(name, data, to=sid, ignore_queue=self.shared)
 
     def stop(self) -> None:
         """Send what is queued, then end the worker and the pruner."""
         self.stopping = True
         if self.worker is not None:
-            self.ring()
+            self.doorbell.release()
             self.worker.wait()
             self.worker = None
         if self.pruner is not None:
@@ -688,7 +696,7 @@ class Delivery:
         waits, so every later event reaches it live, after these."""
         self.flush()
         for room in connection.user.rooms if connection.user else ():
-            self.sio.enter_room(connection.sid, room)
+            self.shop.sio.enter_room(connection.sid, room)
         if server_offset is not None:
             self.catch_up(connection, server_offset)
         else:
@@ -733,9 +741,9 @@ class Delivery:
         sent, the socket enters, and the room's messages after `since` up to
         there are queued."""
         self.flush()
-        joined = room not in self.sio.rooms(sid)
+        joined = room not in self.shop.sio.rooms(sid)
         if joined:
-            self.sio.enter_room(sid, room)
+            self.shop.sio.enter_room(sid, room)
         if since is None:
             return joined, {}
         after = self.seq_of(since)
@@ -752,9 +760,9 @@ class Delivery:
         """leaveRoom: whether the socket was in the room. What the room was
         sent while it was a member (other processes' too) goes out first."""
         self.flush()
-        if room not in self.sio.rooms(sid):
+        if room not in self.shop.sio.rooms(sid):
             return False
-        self.sio.leave_room(sid, room)
+        self.shop.sio.leave_room(sid, room)
         return True
 
     # -- retention ---------------------------------------------------------------
@@ -815,8 +823,6 @@ def presence_update(user_id: str, status: str) -> dict:
 
 
 class LocalPresence:
-    """Presence in this one process."""
-
     def __init__(self, connections: dict[str, Connection]) -> None:
         self.connections = connections
         self.online: Counter[str] = Counter()       # user id -> live connections
@@ -906,20 +912,18 @@ class Metrics:
 
     def render(self, shop: Shop) -> str:
         log_size, oldest = shop.store.log_size()
-        lines = ["# TYPE shop_connections gauge", f"shop_connections {len(shop.connections)}",
-                 "# TYPE shop_users_online gauge",
-                 f"shop_users_online {shop.presence.users_online()}",
-                 "# TYPE shop_notifications_queued gauge",
-                 f"shop_notifications_queued {len(shop.delivery.items)}",
-                 "# TYPE shop_event_log_events gauge", f"shop_event_log_events {log_size}",
-                 "# TYPE shop_event_log_oldest_age_seconds gauge",
-                 f"shop_event_log_oldest_age_seconds {max(0.0, time.time() - oldest):.3f}"
-                 if oldest else "shop_event_log_oldest_age_seconds 0",
-                 "# TYPE shop_events_total counter"]
-        lines += [f'shop_events_total{{event="{e}"}} {n}' for e, n in sorted(self.events.items())]
-        lines.append("# TYPE shop_event_errors_total counter")
-        lines += [f'shop_event_errors_total{{event="{e}"}} {n}'
-                  for e, n in sorted(self.errors.items())]
+        gauges = {"connections": len(shop.connections),
+                  "users_online": shop.presence.users_online(),
+                  "notifications_queued": len(shop.delivery.items),
+                  "event_log_events": log_size,
+                  "event_log_oldest_age_seconds":
+                  f"{max(0.0, time.time() - oldest):.3f}" if oldest else 0}
+        lines = []
+        for name, value in gauges.items():
+            lines += [f"# TYPE shop_{name} gauge", f"shop_{name} {value}"]
+        for name, counts in (("events_total", self.events), ("event_errors_total", self.errors)):
+            lines.append(f"# TYPE shop_{name} counter")
+            lines += [f'shop_{name}{{event="{e}"}} {n}' for e, n in sorted(counts.items())]
         lines.append("# TYPE shop_ack_latency_seconds histogram")
         for bound, count in zip((*ACK_LATENCY_BUCKETS_S, "+Inf"),
                                 itertools.accumulate(self.latency)):
@@ -974,7 +978,7 @@ class Storage:
         self.logged: list[LogEntry] = []             # by the open transaction
         self.on_commit: Callable[[list[LogEntry]], None] = lambda entries: None
         self.checkpointer: Any = None
-        self.stop_checkpoints: eventlet.queue.LightQueue = eventlet.queue.LightQueue()
+        self.stop_checkpoints = eventlet.semaphore.Semaphore(0)
         try:
             self.db = connect_database(path)
             self.file_lock = path.open("rb")
@@ -1000,19 +1004,12 @@ class Storage:
         self.checkpointer = eventlet.spawn(self.checkpoint_forever)
 
     def checkpoint_forever(self) -> None:
-        """Copy committed pages from the WAL back into the database file. The
-        copy ends in two fsyncs that take milliseconds, and SQLite would make
-        every few hundredth commit wait for them with the whole process (and
-        every socket) stopped. Done here, in a native thread (eventlet.tpool),
-        the greenlets go on meanwhile."""
+        """Copy committed pages from the WAL into the database file, in a native
+        thread (eventlet.tpool): the copy ends in two fsyncs, which SQLite would
+        make every few hundredth commit wait for with every socket stopped."""
         connection = connect_database(self.path)
         try:
-            while True:
-                try:
-                    self.stop_checkpoints.get(timeout=CHECKPOINT_INTERVAL_S)
-                    return
-                except eventlet.queue.Empty:
-                    pass
+            while not self.stop_checkpoints.acquire(timeout=CHECKPOINT_INTERVAL_S):
                 try:
                     eventlet.tpool.execute(
                         lambda: connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall())
@@ -1025,7 +1022,7 @@ class Storage:
         """Stop the checkpoints, then close: the last connection to close
         checkpoints what is left and removes the WAL."""
         if self.checkpointer is not None:
-            self.stop_checkpoints.put(None)
+            self.stop_checkpoints.release()
             self.checkpointer.wait()
             self.checkpointer = None
         if self.db is not None:
@@ -1119,7 +1116,8 @@ class Storage:
                else json.dumps(request.shipping_address),
                "idempotency_key": request.idempotency_key, "created_at": stamp,
                "updated_at": stamp}
-        self.db.execute(INSERT_ORDER, tuple(row.values()))
+        self.db.execute(f"INSERT INTO orders ({', '.join(row)})"
+                        f" VALUES ({', '.join('?' * len(row))})", tuple(row.values()))
         self.db.executemany(
             "INSERT INTO order_items (order_id, position, product_id, quantity, price_cents)"
             " VALUES (?, ?, ?, ?, ?)",
@@ -1135,9 +1133,6 @@ class Storage:
     def set_status(self, order_id: str, status: str) -> None:
         self.db.execute("UPDATE orders SET status = ?, updated_at = ? WHERE id = ?",
                         (status, now_iso(), order_id))
-
-    def order_quantities(self, order_id: str) -> dict[str, int]:
-        return quantities(self.order_items(order_id))
 
     def order_items(self, order_id: str) -> list[tuple[str, int, int]]:
         return [tuple(row) for row in self.db.execute(
@@ -1213,12 +1208,17 @@ class Storage:
     def log_event(self, name: str, payload: dict, user_id: str | None = None,
                   room: str | None = None, subject: str | None = None) -> None:
         """Write a durable event in the open transaction (the outbox): it is
-        sent once that commits, and kept for catch-up."""
+        sent once that commits, and kept for catch-up. Outside a transaction,
+        the one INSERT is a transaction of its own (a chat message)."""
         seq = self.db.execute(
             "INSERT INTO events (name, user_id, room, subject, payload, created_at)"
             " VALUES (?, ?, ?, ?, ?, ?)",
             (name, user_id, room, subject, COMPACT_JSON.encode(payload), time.time())).lastrowid
-        self.logged.append(LogEntry(seq, name, payload, user_id, room))
+        entry = LogEntry(seq, name, payload, user_id, room)
+        if self.db.in_transaction:
+            self.logged.append(entry)
+        else:
+            self.on_commit([entry])
 
     def log_id(self) -> str:
         return self.db.execute("SELECT log_id FROM event_log").fetchone()[0]
@@ -1288,10 +1288,6 @@ class Storage:
         return removed
 
 
-INSERT_ORDER = ("INSERT INTO orders (id, user_id, status, total_cents, payment_method,"
-                " shipping_address, idempotency_key, created_at, updated_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)")
-COMPACT_JSON = json.JSONEncoder(separators=(",", ":"))   # made once: json.dumps builds one a call
 
 
 def next_cursor(rows: list[sqlite3.Row], limit: int) -> int | None:
@@ -1314,7 +1310,8 @@ def order_json(row: Mapping, items: Iterable[tuple[str, int, int]]) -> dict:
         "_id": row["id"], "user": row["user_id"],
         "items": [{"product": product_id, "quantity": quantity, "price": from_cents(price)}
                   for product_id, quantity, price in items],
-        "shippingAddress": json.loads(row["shipping_address"] or "null"),
+        "shippingAddress": json.loads(row["shipping_address"]) if row["shipping_address"]
+        else None,
         "paymentMethod": row["payment_method"], "total": from_cents(row["total_cents"]),
         "status": row["status"], "createdAt": row["created_at"], "updatedAt": row["updated_at"],
     }
@@ -1362,6 +1359,8 @@ def to_cents(amount: float) -> int:
 
 def from_cents(cents: int) -> int | float:
     return cents // 100 if cents % 100 == 0 else cents / 100
+
+
 # =============================================================================
 # Auth
 # =============================================================================
@@ -1487,6 +1486,9 @@ def handshake_token(environ: dict, auth: Any) -> Any:
 # =============================================================================
 
 OBJECT_ID = re.compile(r"[0-9a-fA-F]{24}")
+# Plain JSON as browsers read it (no NaN or Infinity), compact; made once, as
+# json.dumps with arguments builds a new encoder on every call.
+COMPACT_JSON = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
 # Characters no string of the protocol may hold: NUL, which SQLite and C code
 # take for the end of a string, and a lone UTF-16 surrogate (half an emoji, as
 # JavaScript's slice() can cut one), which JSON can carry but UTF-8 cannot.
@@ -1559,7 +1561,7 @@ def optional(data: dict, key: str, kind: type, limit: int) -> Any:
         size, unit = len(value), "characters"
     else:
         try:
-            size = len(json.dumps(value, separators=(",", ":"), allow_nan=False).encode())
+            size = len(COMPACT_JSON.encode(value).encode())
         except ValueError:  # NaN or Infinity, which Python reads and JSON.parse does not
             raise invalid(f"{key} must be plain JSON (no binary data, NaN or Infinity)") from None
         unit = "bytes as JSON"
@@ -1609,10 +1611,9 @@ def parse_order_request(data: Any) -> OrderRequest:
         if item.get("product") is None:
             raise Refusal(f"items.{n}.product: Path 'product' is required")
         product = object_id(item["product"], f"items.{n}.product")
-        if item.get("price") is None:
-            raise Refusal(f"items.{n}.price: Path 'price' is required")
-        if item.get("quantity") is None:
-            raise Refusal(f"items.{n}.quantity: Path 'quantity' is required")
+        for key in ("price", "quantity"):
+            if item.get(key) is None:
+                raise Refusal(f"items.{n}.{key}: Path '{key}' is required")
         quantity = item["quantity"]
         if not is_number(quantity) or quantity != int(quantity) or quantity < 1:
             raise Refusal(f"items.{n}.quantity must be a positive integer")
@@ -1727,8 +1728,9 @@ def not_found(start_response: Callable) -> list[bytes]:
     return json_response(start_response, {"error": "Not found"}, "404 Not Found")
 
 
-def static_file(start_response: Callable, path: Path) -> list[bytes]:
-    content_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+def static_file(start_response: Callable, path: Path,
+                content_type: str | None = None) -> list[bytes]:
+    content_type = content_type or mimetypes.guess_type(path.name)[0] or "application/octet-stream"
     return respond(start_response, "200 OK", path.read_bytes(), content_type)
 
 
@@ -1736,20 +1738,16 @@ def json_response(start_response: Callable, value: Any, status: str = "200 OK") 
     return respond(start_response, status, json.dumps(value))
 
 
-def tester_page(shop: Shop, environ: dict, start_response: Callable) -> list[bytes]:
-    return respond(start_response, "200 OK", TESTER_FILE.read_bytes(), "text/html; charset=utf-8")
-
-
-def asyncapi(shop: Shop, environ: dict, start_response: Callable) -> list[bytes]:
-    return respond(start_response, "200 OK", ASYNCAPI_FILE.read_bytes())
+def project_file(shop: Shop, environ: dict, start_response: Callable) -> list[bytes]:
+    """A file of PROJECT_FILES, as it is (only the client script may be missing)."""
+    path, content_type = PROJECT_FILES[environ.get("PATH_INFO", "/")]
+    if not path.exists():
+        return not_found(start_response)
+    return static_file(start_response, path, content_type)
 
 
 def health(shop: Shop, environ: dict, start_response: Callable) -> list[bytes]:
     return json_response(start_response, {"ok": True})
-
-
-def openapi(shop: Shop, environ: dict, start_response: Callable) -> list[bytes]:
-    return respond(start_response, "200 OK", OPENAPI_FILE.read_bytes())
 
 
 def products(shop: Shop, environ: dict, start_response: Callable) -> list[bytes]:
@@ -1841,12 +1839,6 @@ def server_info(shop: Shop, environ: dict, start_response: Callable) -> list[byt
     })
 
 
-def client_script(shop: Shop, environ: dict, start_response: Callable) -> list[bytes]:
-    if not CLIENT_SCRIPT.exists():
-        return not_found(start_response)
-    return static_file(start_response, CLIENT_SCRIPT)
-
-
 def admin_ui(shop: Shop, environ: dict, start_response: Callable) -> list[bytes]:
     """The Socket.IO Admin UI front-end, behind the ADMIN_UI credentials (HTTP
     Basic); the UI then logs in to the /admin namespace with the same ones."""
@@ -1917,9 +1909,8 @@ def host_allowed(host: str, allowed_hosts: tuple[str, ...]) -> bool:
     """A page can only be rebound to this server through a name: IP addresses
     and localhost are safe, other names must be listed in ALLOWED_HOSTS."""
     name = host_name(host)
-    if name == "localhost" or name in allowed_hosts or "*" in allowed_hosts:
-        return True
-    return is_ip_address(name)
+    return (name == "localhost" or name in allowed_hosts or "*" in allowed_hosts
+            or is_ip_address(name))
 
 
 def host_name(host: str) -> str:
@@ -1943,11 +1934,11 @@ def is_ip_address(name: str) -> bool:
     return True
 
 
-ROUTES = {"/": tester_page, "/health": health, "/api/products": products,
+ROUTES = {"/": project_file, "/health": health, "/api/products": products,
           "/api/orders": api_orders, "/api/notifications": api_notifications,
-          "/asyncapi.json": asyncapi, "/openapi.json": openapi,
+          "/asyncapi.json": project_file, "/openapi.json": project_file,
           "/api/info": server_info, "/metrics": prometheus, "/dev/token": dev_token,
-          CLIENT_SCRIPT_URL: client_script}
+          CLIENT_SCRIPT_URL: project_file}
 ORDER_URL = "/api/orders/"                # + an order id: api_order
 
 # Routes that no page of another origin may read: no CORS header, whatever CORS_ORIGINS says.
@@ -1958,13 +1949,11 @@ def http_app(shop: Shop, environ: dict, start_response: Callable) -> list[bytes]
     def start_with_cors(status: str, headers: list) -> Any:
         """The same CORS_ORIGINS as the Socket.IO endpoint."""
         origin = environ.get("HTTP_ORIGIN")
-        if path in SAME_ORIGIN_ROUTES:
-            pass
-        elif shop.config.cors_origins == "*":
-            headers.append(("Access-Control-Allow-Origin", "*"))
-        elif origin in shop.config.cors_origins:
-            headers += [("Access-Control-Allow-Origin", origin), ("Vary", "Origin")]
         if path not in SAME_ORIGIN_ROUTES:
+            if shop.config.cors_origins == "*":
+                headers.append(("Access-Control-Allow-Origin", "*"))
+            elif origin in shop.config.cors_origins:
+                headers += [("Access-Control-Allow-Origin", origin), ("Vary", "Origin")]
             headers.append(("Access-Control-Expose-Headers", "X-Log-Offset"))
         return start_response(status, headers)
 
@@ -1981,36 +1970,33 @@ def http_app(shop: Shop, environ: dict, start_response: Callable) -> list[bytes]
                        ("Access-Control-Max-Age", "600"))
     if method not in ("GET", "HEAD"):
         allowed = "GET, HEAD" if path in SAME_ORIGIN_ROUTES else "GET, HEAD, OPTIONS"
-        return respond(start_with_cors, "405 Method Not Allowed",
-                       json.dumps({"error": "Method not allowed"}), "application/json",
-                       ("Allow", allowed))
+        return respond(start_with_cors, "405 Method Not Allowed", '{"error": "Method not allowed"}',
+                       "application/json", ("Allow", allowed))
     try:
         body = route(shop, environ, start_with_cors)
     except Refusal as refusal:
         body = json_response(start_with_cors, refusal.ack,
                              HTTP_STATUS.get(refusal.ack["error"], "400 Bad Request"))
     return [] if method == "HEAD" else body        # HEAD: the headers alone
+
+
 # =============================================================================
 # Settings
 # =============================================================================
 
 HERE = Path(__file__).resolve().parent
 SCHEMA_FILE = HERE / "schema.sql"
-TESTER_FILE = HERE / "ws-tester.html"
-ASYNCAPI_FILE = HERE / "asyncapi.json"     # the protocol as an AsyncAPI 3 document
-OPENAPI_FILE = HERE / "openapi.json"       # the HTTP routes as an OpenAPI 3.1 document
 # The pinned socket.io-client browser build, shipped in vendor/ so that the
 # tester works offline from pip alone; the Admin UI comes with `npm ci`.
 CLIENT_SCRIPT = HERE / "vendor" / "socket.io.min.js"
 ADMIN_UI_DIR = HERE / "node_modules" / "@socket.io" / "admin-ui" / "ui" / "dist"
+# What project_file serves: URL -> (file, content type; None: guessed from the name).
+PROJECT_FILES = {"/": (HERE / "ws-tester.html", "text/html; charset=utf-8"),
+                 "/asyncapi.json": (HERE / "asyncapi.json", "application/json"),  # AsyncAPI 3
+                 "/openapi.json": (HERE / "openapi.json", "application/json"),    # OpenAPI 3.1
+                 CLIENT_SCRIPT_URL: (CLIENT_SCRIPT, None)}
 
-
-DEFAULT_HOST = "127.0.0.1"
-DEFAULT_PORT = 8000
-DEFAULT_DATABASE = "app.db"
-DEFAULT_MAX_PAYLOAD_BYTES = 100_000
 DEFAULT_TOKEN_TTL = "24h"
-DEFAULT_CONNECT_TIMEOUT_S = 45.0   # Engine.IO open, no Socket.IO CONNECT: closed (as socket.io)
 SECRET_SUFFIX = ".secret"
 SQLITE_BUSY_TIMEOUT_MS = 5000
 CHECKPOINT_INTERVAL_S = 0.5        # how often the WAL is copied into the database file
@@ -2018,10 +2004,10 @@ MAX_CONNECTIONS = 100_000          # eventlet's WSGI server would stop at 1024
 LISTEN_BACKLOG = 1024
 SHUTDOWN_POLL_S = 0.2
 SHUTDOWN_FLUSH_S = 0.3             # lets writer greenlets send the last emits
-DEFAULT_EVENT_RETENTION = "24h"    # how long the event log keeps events
 PRUNE_INTERVAL_S = 60.0            # (or a quarter of the retention, if shorter)
 PRUNE_BATCH = 500                  # events per pruning transaction
 FOLLOW_INTERVAL_S = 0.025          # with REDIS_URL: how often the log is read for others' events
+
 
 class ConfigError(Exception):
     """A setting the server cannot run with; main() prints it and exits 2."""
@@ -2029,28 +2015,29 @@ class ConfigError(Exception):
 
 @dataclass(frozen=True)
 class Config:
-    host: str = DEFAULT_HOST
-    port: int = DEFAULT_PORT
-    database: Path = Path(DEFAULT_DATABASE)
+    """Every setting, with its default; `--help` lists where each comes from."""
+    host: str = "127.0.0.1"
+    port: int = 8000
+    database: Path = Path("app.db")
     jwt_secret: str | None = None            # None: the dev secret in <db>.secret
     redis_url: str | None = None
     cors_origins: str | list[str] = "*"
     require_auth: bool = False
-    max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES
+    max_payload_bytes: int = 100_000
     rate_limits: dict[str, tuple[int, float]] | None = field(
         default_factory=lambda: dict(DEFAULT_RATE_LIMITS))
     notify_queue: bool = True
     admin_ui: tuple[str, str] | None = None
-    connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S
+    connect_timeout_s: float = 45.0          # Engine.IO open, no CONNECT: closed (as socket.io)
     allowed_hosts: tuple[str, ...] = ()      # host names that may ask for dev tokens
-    event_retention_s: float = 86400.0
+    event_retention_s: float = 86400.0       # how long the event log keeps events
     allow_untested_libraries: bool = False
     verbose: bool = False
 
 
 def load_config(args: argparse.Namespace, env: Mapping[str, str]) -> Config:
     """Flags win over environment variables, which win over defaults."""
-    max_payload = env.get("MAX_PAYLOAD_BYTES", str(DEFAULT_MAX_PAYLOAD_BYTES))
+    max_payload = env.get("MAX_PAYLOAD_BYTES", str(Config.max_payload_bytes))
     if not max_payload.isdigit() or int(max_payload) < 1000:
         raise ConfigError(f"MAX_PAYLOAD_BYTES must be a whole number >= 1000, got {max_payload!r}")
     admin_ui = None
@@ -2060,20 +2047,18 @@ def load_config(args: argparse.Namespace, env: Mapping[str, str]) -> Config:
             raise ConfigError("ADMIN_UI must be user:password")
         admin_ui = (user, password)
     origins = env.get("CORS_ORIGINS", "*").strip() or "*"
-    try:
-        connect_timeout = parse_duration(env.get("CONNECT_TIMEOUT",
-                                                 f"{DEFAULT_CONNECT_TIMEOUT_S:g}s"))
-    except ConfigError as error:
-        raise ConfigError(f"CONNECT_TIMEOUT: {error}") from None
-    try:
-        retention = parse_duration(env.get("EVENT_RETENTION", DEFAULT_EVENT_RETENTION))
-    except ConfigError as error:
-        raise ConfigError(f"EVENT_RETENTION: {error}") from None
+    connect_timeout = parse_duration(
+        env.get("CONNECT_TIMEOUT", f"{Config.connect_timeout_s:g}s"), "CONNECT_TIMEOUT")
+    retention = parse_duration(
+        env.get("EVENT_RETENTION", f"{Config.event_retention_s:g}s"), "EVENT_RETENTION")
+    port = env.get("PORT", str(Config.port)) if getattr(args, "port", None) is None \
+        else str(args.port)
+    if not port.isdigit() or int(port) > 65535:
+        raise ConfigError(f"port must be a number from 0 to 65535, got {port!r}")
     return Config(
-        host=getattr(args, "host", None) or env.get("HOST", DEFAULT_HOST),
-        port=parse_port(str(args.port) if getattr(args, "port", None) is not None
-                        else env.get("PORT", str(DEFAULT_PORT))),
-        database=Path(getattr(args, "db", None) or env.get("DATABASE") or DEFAULT_DATABASE),
+        host=getattr(args, "host", None) or env.get("HOST", Config.host),
+        port=int(port),
+        database=Path(getattr(args, "db", None) or env.get("DATABASE") or Config.database),
         jwt_secret=env.get("JWT_SECRET") or None,
         redis_url=env.get("REDIS_URL") or None,
         cors_origins="*" if origins == "*" else [o.strip() for o in origins.split(",")
@@ -2094,12 +2079,6 @@ def load_config(args: argparse.Namespace, env: Mapping[str, str]) -> Config:
     )
 
 
-def parse_port(text: str) -> int:
-    if not text.isdigit() or int(text) > 65535:
-        raise ConfigError(f"port must be a number from 0 to 65535, got {text!r}")
-    return int(text)
-
-
 def parse_flag(name: str, text: str) -> bool:
     value = text.strip().lower()
     if value in ("1", "true", "yes", "on"):
@@ -2109,11 +2088,12 @@ def parse_flag(name: str, text: str) -> bool:
     raise ConfigError(f"{name} must be 1 or 0, got {text!r}")
 
 
-def parse_duration(text: str) -> float:
+def parse_duration(text: str, setting: str = "") -> float:
     """'500ms', '10s', '5m', '24h', '7d' or plain seconds -> seconds."""
     match = re.fullmatch(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)?", text.strip())
     if not match or float(match[1]) <= 0:
-        raise ConfigError(f"bad duration {text!r} (use e.g. 10s, 5m, 24h)")
+        where = f"{setting}: " if setting else ""
+        raise ConfigError(f"{where}bad duration {text!r} (use e.g. 10s, 5m, 24h)")
     scale = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}[match[2] or "s"]
     return float(match[1]) * scale
 
@@ -2132,11 +2112,9 @@ def parse_rate_limits(text: str) -> dict[str, tuple[int, float]] | None:
             raise ConfigError(f"RATE_LIMITS: unknown event {event_name!r}")
         if count < 1:
             raise ConfigError(f"RATE_LIMITS: {event_name} needs at least 1 event per window")
-        try:
-            limits[event_name] = (count, parse_duration(window))
-        except ConfigError as error:
-            raise ConfigError(f"RATE_LIMITS: {error}") from None
+        limits[event_name] = (count, parse_duration(window, "RATE_LIMITS"))
     return limits
+
 
 # =============================================================================
 # Command line
@@ -2275,9 +2253,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="server.py", description=__doc__.split("\n\n")[0],
                                      epilog=ENVIRONMENT_HELP,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--host", help=f"bind address (HOST, default {DEFAULT_HOST})")
-    parser.add_argument("--port", help=f"port, 0 for any free one (PORT, default {DEFAULT_PORT})")
-    parser.add_argument("--db", help=f"SQLite file (DATABASE, default {DEFAULT_DATABASE})")
+    parser.add_argument("--host", help=f"bind address (HOST, default {Config.host})")
+    parser.add_argument("--port", help=f"port, 0 for any free one (PORT, default {Config.port})")
+    parser.add_argument("--db", help=f"SQLite file (DATABASE, default {Config.database})")
     parser.add_argument("--require-auth", action="store_true",
                         help="refuse connections without a valid token (REQUIRE_AUTH=1)")
     parser.add_argument("--verbose", action="store_true", help="log every event and request")
