@@ -31,3 +31,19 @@ def test_the_benchmark_prints_a_table_with_no_failures():
             assert re.fullmatch(r"\d+\.\d\d \(\d+\.\d\d–\d+\.\d\d, n=1\)", cells[7]), row
     assert re.search(r"Catch-up of 1,000 events.*\n- catchup deflate=off: p50 [\d.,]+ / -",
                      run.stdout)
+
+
+def test_the_benchmark_counts_instructions_per_event_under_callgrind():
+    """`--instructions`: both servers run under callgrind, counted only during
+    the window; the table gains the paired ratio per instruction."""
+    run = subprocess.run(
+        [sys.executable, str(BENCH), "--rounds", "1", "--seconds", "1", "--deflate", "off",
+         "--only", "acks", "--against", "HEAD", "--instructions"],
+        capture_output=True, text=True, timeout=600, check=False)
+    assert run.returncode == 0, run.stderr
+    assert re.search(r"round 1 acks .* per-G-instructions=\s*[\d,]+", run.stderr), run.stderr
+    rows = [line for line in run.stdout.splitlines() if re.match(r"\| [a-z]", line)]
+    assert "paired ratio per instruction" in rows[0]
+    cells = [cell.strip() for cell in rows[1].strip("|").split("|")]
+    assert cells[0] == "acks" and cells[12] == "0", rows[1]          # no failures
+    assert re.fullmatch(r"\d+\.\d\d \(\d+\.\d\d–\d+\.\d\d, n=1\)", cells[13]), rows[1]

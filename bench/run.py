@@ -15,6 +15,14 @@ median of these paired ratios with their min and max (run `--against HEAD` for
 the spread of an A/A comparison).
 Needs `npm ci` (socket.io-client) and `taskset` (util-linux).
 
+`--instructions` runs each server under valgrind's callgrind instead, counting
+the user-space instructions it executes during the window only (instrumentation
+is switched on and off around it): events per billion instructions, the same
+for every run of the same code whatever else the machine is doing, where
+server-CPU-seconds here spread 10-30 % between two runs of one server. It does
+not see the kernel (system calls) and runs the servers ~50x slower, so use it
+beside the timed figures, not instead of them. Needs valgrind.
+
 "catchup" needs the event log: the ceiling has none and is not measured there,
 and a server without it (no X-Log-Offset on /api/products) has no figure ("-").
 """
@@ -66,7 +74,7 @@ def rss_bytes(pid: int) -> int:
     return int(re.search(r"VmRSS:\s+(\d+) kB", status)[1]) * 1024
 
 
-def start(kind: str, workdir: Path) -> tuple[subprocess.Popen, str]:
+def start(kind: str, workdir: Path, counted: Path | None = None) -> tuple[subprocess.Popen, str]:
     db = workdir / "bench.db"
     if kind != "ceiling":
         # Stock that never runs out, so payments measure the write path, not refusals.
@@ -75,8 +83,10 @@ def start(kind: str, workdir: Path) -> tuple[subprocess.Popen, str]:
             connection.execute("UPDATE products SET stock = 1000000000")
         connection.close()
     env = {**os.environ, "JWT_SECRET": SECRET, "RATE_LIMITS": "off"}
+    under = [] if counted is None else [
+        "valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={counted}"]
     process = subprocess.Popen(
-        ["taskset", "-c", "0", sys.executable, str(SERVERS[kind]), "--port", "0",
+        ["taskset", "-c", "0", *under, sys.executable, str(SERVERS[kind]), "--port", "0",
          "--db", str(db)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
         env=env, cwd=workdir)
     for line in process.stdout:
@@ -86,10 +96,17 @@ def start(kind: str, workdir: Path) -> tuple[subprocess.Popen, str]:
     raise RuntimeError(f"{kind} did not start")
 
 
-def measure(kind: str, scenario: str, seconds: float, deflate: bool) -> dict:
+def callgrind(server: subprocess.Popen, switch: str) -> None:
+    subprocess.run(["callgrind_control", "--instr=" + switch, str(server.pid)],
+                   check=True, capture_output=True)
+
+
+def measure(kind: str, scenario: str, seconds: float, deflate: bool,
+            instructions: bool = False) -> dict:
     config, _ = SCENARIOS[scenario]
     with tempfile.TemporaryDirectory() as workdir:
-        server, url = start(kind, Path(workdir))
+        counted = Path(workdir) / "callgrind.out" if instructions else None
+        server, url = start(kind, Path(workdir), counted)
         try:
             time.sleep(0.3)
             base_rss = rss_bytes(server.pid)
@@ -100,28 +117,35 @@ def measure(kind: str, scenario: str, seconds: float, deflate: bool) -> dict:
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT)
             started = json.loads(load.stdout.readline())
             extra = {}
-            if "opened" in started:  # idle connections are open: what do they cost?
+            if "opened" in started and not counted:  # idle connections: what do they cost?
                 extra["bytesPerConnection"] = (rss_bytes(server.pid) - base_rss) / started["opened"]
+            if counted:
+                callgrind(server, "on")
             cpu_before = cpu_seconds(server.pid)
             load.stdin.write("go\n")
             load.stdin.flush()
             json.loads(load.stdout.readline())          # the window has ended
             server_cpu = cpu_seconds(server.pid) - cpu_before
+            if counted:
+                callgrind(server, "off")
             result = json.loads(load.stdout.readline())
             load.wait(60)
-            if result.get("unsupported"):   # no event log: no figure, not a failure
-                result.update(serverCpu=None, perServerCpuSecond=None, generatorCpu=None)
-                return result
-            result.update(extra, serverCpu=server_cpu / result["wall"],
-                          perServerCpuSecond=result["count"] / max(server_cpu, 1e-9))
-            return result
         finally:
             server.terminate()
             try:
-                server.wait(10)
+                server.wait(60 if counted else 10)
             except subprocess.TimeoutExpired:
                 server.kill()
                 server.wait()
+        if result.get("unsupported"):   # no event log: no figure, not a failure
+            result.update(serverCpu=None, perServerCpuSecond=None, generatorCpu=None)
+            return result
+        result.update(extra, serverCpu=server_cpu / result["wall"],
+                      perServerCpuSecond=result["count"] / max(server_cpu, 1e-9))
+        if counted:   # callgrind writes its counts when the server exits
+            total = int(re.search(r"^totals: (\d+)", counted.read_text(), re.MULTILINE)[1])
+            result["perGigaInstruction"] = result["count"] / max(total, 1) * 1e9
+        return result
 
 
 def checkout(rev: str) -> Path:
@@ -163,11 +187,14 @@ def main() -> None:
                         help="clients offering permessage-deflate")
     parser.add_argument("--against", metavar="REV",
                         help="compare with server.py at a git commit instead of the ceiling")
+    parser.add_argument("--instructions", action="store_true",
+                        help="count the servers' instructions under callgrind (see above)")
     args = parser.parse_args()
     if args.against:
         SERVERS.pop("ceiling")
         SERVERS[args.against] = checkout(args.against) / "server.py"
-    for tool in ("taskset", "node"):
+    for tool in ("taskset", "node", *(("valgrind", "callgrind_control") if args.instructions
+                                      else ())):
         if not shutil.which(tool):
             sys.exit(f"bench/run.py needs {tool}")
     if not (ROOT / "node_modules" / "socket.io-client").exists():
@@ -190,13 +217,15 @@ def main() -> None:
                 for kind in SERVERS if round_number % 2 else reversed(SERVERS):
                     if kind == "ceiling" and scenario in LOGGED:
                         continue
-                    result = measure(kind, scenario, args.seconds, deflate)
+                    result = measure(kind, scenario, args.seconds, deflate, args.instructions)
                     result["round"] = round_number
                     results[(scenario, deflate, kind)].append(result)
                     print(f"round {round_number} {scenario:12}"
                           f" deflate={'on ' if deflate else 'off'} {kind:9}"
                           f" {fmt(result['rate']):>10}/s"
                           f" per-cpu-s={fmt(result['perServerCpuSecond']):>9}"
+                          + (f" per-G-instructions={fmt(result.get('perGigaInstruction')):>9}"
+                             if args.instructions else "") +
                           f"  failures={result['failures']}",
                           file=sys.stderr, flush=True)
 
@@ -210,8 +239,11 @@ def main() -> None:
     pair = f"(server.py / {other})"
     print(f"| scenario | deflate | figure | server.py | {other} | ratio | per server-CPU-s {pair}"
           f" | paired ratio per server-CPU-s (median of rounds, min–max) {pair}"
-          f" | p50 ms | p99 ms {pair} | memory/conn {pair} | generator CPU | failures |")
-    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          f" | p50 ms | p99 ms {pair} | memory/conn {pair} | generator CPU | failures |"
+          + (f" paired ratio per instruction (median of rounds, min–max) {pair} |"
+             if args.instructions else ""))
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+          + ("---:|" if args.instructions else ""))
     for scenario in scenarios:
         for deflate in deflates(scenario):
             ours, ceiling = (scenario, deflate, "server.py"), (scenario, deflate, other)
@@ -231,7 +263,9 @@ def main() -> None:
                   f" | {memory}"
                   f" | {percent(median(ours, 'generatorCpu'))}"
                   f" / {percent(median(ceiling, 'generatorCpu'))}"
-                  f" | {failures} |")
+                  f" | {failures} |"
+                  + (f" {paired(results[ours], results[ceiling], 'perGigaInstruction')} |"
+                     if args.instructions else ""))
     if any(r.get("connectRate") for rs in results.values() for r in rs):
         print(f"\nConnect rate (connections/s, {pair}):")
         for scenario in scenarios:
