@@ -132,11 +132,27 @@ class PacketJSON:
 
     @classmethod
     def dumps(cls, value: Any, **_: Any) -> str:
+        if type(value) is list and len(value) == 2 and type(value[1]) is Encoded:
+            return f"[{cls.encoder.encode(value[0])},{value[1].json}]"     # an event
         return cls.encoder.encode(value)
 
     @classmethod
     def loads(cls, text: str | bytes, **_: Any) -> Any:
         return cls.decoder.decode(text.decode() if isinstance(text, bytes) else text)
+
+
+class Encoded(dict):
+    """An event's payload that comes with its JSON text (compact, plain
+    JSON): PacketJSON writes the text instead of encoding the payload again.
+    python-socketio puts an event's name and payload in a list and encodes it
+    with PacketJSON once for all recipients; everything else (the Admin UI,
+    Redis) sees a dict."""
+
+    __slots__ = ("json",)
+
+    def __init__(self, payload: dict, text: str) -> None:
+        super().__init__(payload)
+        self.json = text
 
 
 class NotAPacket(ValueError):

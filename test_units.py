@@ -423,3 +423,46 @@ def test_the_events_of_a_change_that_did_not_commit_are_never_sent(tmp_path):
             == ["kept"]
     finally:
         store.close()
+
+
+def test_a_logged_event_goes_on_the_wire_as_the_log_wrote_it_with_its_offset():
+    """The log's JSON text is sent, not encoded again: the packet is the one
+    encoding the payload would give, byte for byte (non-ASCII and line
+    separators escaped alike)."""
+    payload = {"event": "order:created", "order": {"_id": "x", "items": [{"quantity": 1}],
+                                                   "note": "é\u2028😀", "total": 2.5}}
+    entry = server.LogEntry(7, "order:created", payload, "u1", None,
+                            server.COMPACT_JSON.encode(payload))
+    delivery = server.Delivery.__new__(server.Delivery)
+    delivery.log_id = "abcd1234"
+    sent = delivery.with_offset(entry)
+    assert isinstance(sent, adapters.Encoded)
+    assert sent == {**payload, "offset": "abcd1234-0000000000000007"}
+    assert adapters.PacketJSON.dumps(["order:created", sent]) \
+        == adapters.PacketJSON.encoder.encode(["order:created", dict(sent)])
+    unlogged = delivery.with_offset(entry._replace(text=""))       # no text: a plain dict
+    assert type(unlogged) is dict and unlogged == sent
+    assert adapters.PacketJSON.dumps([sent]) == adapters.PacketJSON.encoder.encode([dict(sent)])
+
+
+def test_a_send_that_fails_is_logged_and_the_rest_of_the_queue_still_goes(tmp_path, caplog):
+    """SQLite failing while a notification is marked delivered (a full disk,
+    a lock held too long) must not stop delivery: the next events go out and
+    the worker can still be woken."""
+    shop = server.Shop(server.Config(database=tmp_path / "shop.db"), "x" * 32)
+    try:
+        sent = []
+        shop.tabs["bob"] = 1
+        shop.store.mark_delivered = lambda ids: (_ for _ in ()).throw(
+            server.sqlite3.OperationalError("disk I/O error"))
+        note = server.LogEntry(1, "notification:received", {"id": "n1"}, "bob", None, '{"id":"n1"}')
+        shop.delivery.message_started()
+        shop.delivery.committed([note])
+        shop.delivery.items.append(lambda: sent.append("next"))
+        shop.delivery.message_handled()
+        assert sent == ["next"] and not shop.delivery.items
+        assert shop.delivery.handling == 0 and shop.delivery.position == 1
+        assert "sending notification:received failed" in caplog.text
+        assert "disk I/O error" in caplog.text
+    finally:
+        shop.store.close()
