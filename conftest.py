@@ -149,8 +149,9 @@ class ServerProcess:
             stdout=self.stdout_path.open("w"), stderr=self.stderr_path.open("w"))
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
-            match = re.search(r"\(tester page: (http://\S+?)/\)", self.stdout())
-            if match:
+            banner = self.stdout()
+            match = re.search(r"\(tester page: (http://\S+?)/\)", banner)
+            if match and "Ctrl-C to stop." in banner:     # the banner's last line is out
                 self.url = match[1]
                 return self
             if self.proc.poll() is not None:
