@@ -264,6 +264,7 @@ def event(name: str, user_required: bool = False) -> Callable[[Handler], Handler
 
 def handle(shop: Shop, name: str, handler: Handler, user_required: bool, sid: str,
            *args: Any) -> Ack | None:
+    """The rules every event shares (see the top of this section)."""
     connection = shop.connections.get(sid)
     if connection is None:          # the socket left while this was in flight
         return None
@@ -527,9 +528,9 @@ class LogEntry(NamedTuple):
     seq: int
     name: str
     payload: dict
+    text: str                       # the payload as the log holds it (JSON)
     user_id: str | None = None      # owner (orders) or recipient (notifications)
     room: str | None = None         # message
-    text: str = ""                  # the payload as the log holds it (JSON)
 
 
 class Delivery:
@@ -564,10 +565,9 @@ class Delivery:
         its JSON too, the log's text with the offset added (adapters.Encoded):
         encoding it again for the wire cost ~4 % of an order's instructions."""
         offset = self.offset(entry.seq)
-        payload = {**entry.payload, "offset": offset}
-        if not entry.text:
-            return payload
-        return adapters.Encoded(payload, f'{entry.text[:-1]},"offset":"{offset}"}}')
+        sent = adapters.Encoded(entry.payload, f'{entry.text[:-1]},"offset":"{offset}"}}')
+        sent["offset"] = offset
+        return sent
 
     def seq_of(self, offset: Any) -> int | None:
         """The position an offset of this log names, or None."""
@@ -832,6 +832,8 @@ def presence_update(user_id: str, status: str) -> dict:
 
 
 class LocalPresence:
+    """Presence in this one process."""
+
     def __init__(self, connections: dict[str, Connection]) -> None:
         self.connections = connections
         self.online: Counter[str] = Counter()       # user id -> live connections
@@ -1125,8 +1127,7 @@ class Storage:
                else json.dumps(request.shipping_address),
                "idempotency_key": request.idempotency_key, "created_at": stamp,
                "updated_at": stamp}
-        self.db.execute(f"INSERT INTO orders ({', '.join(row)})"
-                        f" VALUES ({', '.join('?' * len(row))})", tuple(row.values()))
+        self.db.execute(INSERT_ORDER, tuple(row.values()))
         self.db.executemany(
             "INSERT INTO order_items (order_id, position, product_id, quantity, price_cents)"
             " VALUES (?, ?, ?, ?, ?)",
@@ -1224,7 +1225,7 @@ class Storage:
             "INSERT INTO events (name, user_id, room, subject, payload, created_at)"
             " VALUES (?, ?, ?, ?, ?, ?)",
             (name, user_id, room, subject, text, time.time())).lastrowid
-        entry = LogEntry(seq, name, payload, user_id, room, text)
+        entry = LogEntry(seq, name, payload, text, user_id, room)
         if self.db.in_transaction:
             self.logged.append(entry)
         else:
@@ -1257,7 +1258,7 @@ class Storage:
         return self.entries("room = ? AND seq > ? AND seq <= ?", (room, after, through))
 
     def entries(self, where: str, args: tuple) -> list[LogEntry]:
-        return [LogEntry(row[0], row[1], json.loads(row[2]), row[3], row[4], row[2])
+        return [LogEntry(row[0], row[1], json.loads(row[2]), row[2], row[3], row[4])
                 for row in self.db.execute(
                     f"SELECT seq, name, payload, user_id, room FROM events WHERE {where}"
                     " ORDER BY seq", args)]
@@ -1298,6 +1299,9 @@ class Storage:
         return removed
 
 
+INSERT_ORDER = ("INSERT INTO orders (id, user_id, status, total_cents, payment_method,"
+                " shipping_address, idempotency_key, created_at, updated_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)")
 
 
 def next_cursor(rows: list[sqlite3.Row], limit: int) -> int | None:

@@ -41,6 +41,16 @@ def test_every_readme_link_to_an_anchor_or_a_file_resolves():
             assert (SERVER.parent / link).exists(), f"README links to a missing file {link}"
 
 
+def test_every_readme_code_block_is_closed_on_a_line_of_its_own():
+    """A fence followed by text on its line does not close the block: the rest
+    of the README would render as code."""
+    fences = [line for line in README.splitlines() if line.startswith("```")]
+    assert fences
+    closing = fences[1::2]
+    assert len(fences) % 2 == 0 and all(line == "```" for line in closing), \
+        [line for line in closing if line != "```"]
+
+
 def test_the_readme_rate_limit_table_holds_the_servers_defaults():
     script = "import json, server; print(json.dumps(server.DEFAULT_RATE_LIMITS))"
     done = subprocess.run([sys.executable, "-c", script], cwd=SERVER.parent,

@@ -17,9 +17,9 @@ Needs `npm ci` (socket.io-client) and `taskset` (util-linux).
 
 `--instructions` runs each server under valgrind's callgrind instead, counting
 the user-space instructions it executes during the window only (instrumentation
-is switched on and off around it): events per billion instructions, the same
-for every run of the same code whatever else the machine is doing, where
-server-CPU-seconds here spread 10-30 % between two runs of one server. It does
+is switched on and off around it): events per billion instructions, within
+about 1 % between two runs of the same code whatever else the machine is doing,
+where server-CPU-seconds here spread 10-30 % between two runs of one server. It does
 not see the kernel (system calls) and runs the servers ~50x slower, so use it
 beside the timed figures, not instead of them. Needs valgrind.
 
