@@ -39,6 +39,7 @@ with warnings.catch_warnings():
     warnings.filterwarnings("ignore", message=r"\s*Eventlet is deprecated")
     import eventlet
     import eventlet.hubs
+    import eventlet.queue
     import eventlet.websocket
 
 import engineio
@@ -299,13 +300,53 @@ class StrictServer(socketio.Server):
 
 
 class CheckedEngineServer(engineio.Server):
-    """python-engineio's Server with CheckedWebSocket as its websocket; the
-    table of its async driver is copied, not changed, for this server alone."""
+    """python-engineio's Server with CheckedWebSocket as its websocket and
+    SendQueue as its sockets' queue; the table of its async driver is copied,
+    not changed, for this server alone."""
 
     def __init__(self, sio: StrictServer, **options: Any) -> None:
         super().__init__(**options)
         self.sio = sio
-        self._async = {**self._async, "websocket": CheckedWebSocket}
+        self._async = {**self._async, "websocket": CheckedWebSocket, "queue": SendQueue}
+
+
+class SendQueue(eventlet.queue.Queue):
+    """The queue of packets waiting to go out on one Engine.IO socket.
+
+    Its writer waits on it with a timeout (ping interval + ping timeout) after
+    every packet it sends, and eventlet arms a hub timer for each such wait and
+    cancels it when a packet comes: ~13,000 instructions per packet, 8 % of a
+    chat message to 10 (callgrind). Here one timer serves the waits that follow
+    one another: when it fires it looks at the wait in progress and throws
+    Empty into it, or arms again for what is left of that wait's timeout."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.waiting: Any = None          # the greenlet in a timed wait, if any
+        self.deadline = 0.0
+        self.timer: Any = None
+
+    def get(self, block: bool = True, timeout: float | None = None) -> Any:
+        if not block or timeout is None or self.qsize() or self.getters:
+            return super().get(block, timeout)   # (two waiters: each its own timer)
+        self.deadline = time.monotonic() + timeout       # eventlet's hub clock
+        if self.timer is None:
+            self.timer = eventlet.hubs.get_hub().schedule_call_global(timeout, self.expire)
+        self.waiting = eventlet.getcurrent()
+        try:
+            return super().get()
+        finally:
+            self.waiting = None
+
+    def expire(self) -> None:
+        self.timer = None
+        if self.waiting is None:
+            return
+        left = self.deadline - time.monotonic()
+        if left > 0:
+            self.timer = eventlet.hubs.get_hub().schedule_call_global(left, self.expire)
+        else:
+            self.waiting.throw(eventlet.queue.Empty())
 
 
 def frame_problem(data: str | bytes | None, limit: int) -> tuple[int, str] | None:

@@ -464,3 +464,74 @@ def test_a_send_that_fails_is_logged_and_the_rest_of_the_queue_still_goes(tmp_pa
         assert "disk I/O error" in caplog.text
     finally:
         shop.store.close()
+
+
+# -- a socket's send queue ------------------------------------------------------
+
+def wait_on(queue: "adapters.SendQueue", timeout_s: float, got: list) -> None:
+    """python-engineio's writer: wait for the next packet, give up at Empty."""
+    while True:
+        try:
+            got.append((queue.get(timeout=timeout_s), time.monotonic()))
+        except adapters.eventlet.queue.Empty:
+            got.append(("empty", time.monotonic()))
+            return
+
+
+def test_a_send_queue_wait_ends_in_empty_a_full_timeout_after_it_began():
+    """A wait that follows others still gets its whole timeout: packets 50 ms
+    apart for 0.6 s keep a writer with a 0.2 s timeout waiting, and it gives up
+    only 0.2 s after the last one."""
+    queue, got = adapters.SendQueue(), []
+    writer = adapters.eventlet.spawn(wait_on, queue, 0.2, got)
+    for n in range(12):
+        adapters.eventlet.sleep(0.05)
+        queue.put(n)
+    last_put = time.monotonic()
+    with adapters.eventlet.Timeout(10):
+        writer.wait()
+    assert [item for item, _ in got] == [*range(12), "empty"]
+    assert got[-1][1] - last_put >= 0.2
+
+
+def test_a_send_queue_arms_one_timer_for_waits_that_follow_one_another(monkeypatch):
+    """Not a timer per wait (eventlet's Queue arms and cancels one for each):
+    twelve waits within 0.6 s arm the queue's timer a few times, not twelve."""
+    hub = adapters.eventlet.hubs.get_hub()
+    armed = []
+    schedule = hub.schedule_call_global
+    monkeypatch.setattr(hub, "schedule_call_global", lambda seconds, callback, *args: (
+        armed.append(callback), schedule(seconds, callback, *args))[1])
+    queue, got = adapters.SendQueue(), []
+    writer = adapters.eventlet.spawn(wait_on, queue, 0.2, got)
+    for n in range(12):
+        adapters.eventlet.sleep(0.05)
+        queue.put(n)
+    with adapters.eventlet.Timeout(10):
+        writer.wait()
+    assert len(got) == 13
+    assert 1 <= armed.count(queue.expire) <= 6
+
+
+def test_a_second_waiter_on_a_send_queue_times_out_too():
+    """Two waits at once (a long-polling client sending two GETs) each end in
+    Empty: the second has a timer of its own."""
+    queue, first, second = adapters.SendQueue(), [], []
+    waiters = [adapters.eventlet.spawn(wait_on, queue, 0.1, got) for got in (first, second)]
+    with adapters.eventlet.Timeout(10):
+        for waiter in waiters:
+            waiter.wait()
+    assert [item for item, _ in first] == ["empty"] and [item for item, _ in second] == ["empty"]
+
+
+def test_a_send_queue_hands_out_packets_in_order_and_none_ends_the_writer():
+    queue, got = adapters.SendQueue(), []
+    for item in ("a", "b"):
+        queue.put(item)
+    assert queue.get(timeout=1) == "a" and queue.get(block=False) == "b"
+    writer = adapters.eventlet.spawn(lambda: got.append(queue.get(timeout=5)))
+    adapters.eventlet.sleep(0)
+    queue.put(None)
+    with adapters.eventlet.Timeout(10):
+        writer.wait()
+    assert got == [None] and queue.waiting is None
