@@ -491,7 +491,7 @@ def test_a_send_queue_wait_ends_in_empty_a_full_timeout_after_it_began():
     with adapters.eventlet.Timeout(10):
         writer.wait()
     assert [item for item, _ in got] == [*range(12), "empty"]
-    assert got[-1][1] - last_put >= 0.2
+    assert 0.2 <= got[-1][1] - last_put < 0.35       # its own timeout, not the first's
 
 
 def test_a_send_queue_arms_one_timer_for_waits_that_follow_one_another(monkeypatch):
@@ -522,6 +522,44 @@ def test_a_second_waiter_on_a_send_queue_times_out_too():
         for waiter in waiters:
             waiter.wait()
     assert [item for item, _ in first] == ["empty"] and [item for item, _ in second] == ["empty"]
+
+
+def test_a_shorter_wait_on_a_send_queue_ends_at_its_own_timeout():
+    """A wait with a shorter timeout than the armed timer's is not held to it."""
+    queue, got = adapters.SendQueue(), []
+    long_wait = adapters.eventlet.spawn(lambda: got.append(queue.get(timeout=5)))
+    adapters.eventlet.sleep(0.01)
+    queue.put("first")
+    with adapters.eventlet.Timeout(10):
+        long_wait.wait()
+        began = time.monotonic()
+        wait_on(queue, 0.1, got)
+    assert got[0] == "first" and got[1][0] == "empty"
+    assert 0.1 <= got[1][1] - began < 0.25
+
+
+def test_the_next_waiter_on_a_send_queue_gets_its_whole_timeout():
+    """A socket upgraded from long-polling to websocket: the GET's greenlet
+    waits, goes, and the websocket writer waits on the same queue; a waiter
+    killed in its wait leaves none behind."""
+    queue, got = adapters.SendQueue(), []
+    get_request = adapters.eventlet.spawn(queue.get, timeout=0.2)
+    adapters.eventlet.sleep(0.1)
+    get_request.kill()
+    assert queue.waiting is None
+    began = time.monotonic()
+    writer = adapters.eventlet.spawn(wait_on, queue, 0.2, got)
+    with adapters.eventlet.Timeout(10):
+        writer.wait()
+    assert got[0][0] == "empty" and 0.2 <= got[0][1] - began < 0.35
+
+
+def test_the_servers_sockets_queue_their_packets_in_a_send_queue(tmp_path):
+    shop = server.Shop(server.Config(database=tmp_path / "shop.db"), "x" * 32)
+    try:
+        assert isinstance(shop.sio.eio.create_queue(), adapters.SendQueue)
+    finally:
+        shop.store.close()
 
 
 def test_a_send_queue_hands_out_packets_in_order_and_none_ends_the_writer():
