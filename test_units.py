@@ -491,7 +491,7 @@ def test_a_send_queue_wait_ends_in_empty_a_full_timeout_after_it_began():
     with adapters.eventlet.Timeout(10):
         writer.wait()
     assert [item for item, _ in got] == [*range(12), "empty"]
-    assert 0.2 <= got[-1][1] - last_put < 0.35       # its own timeout, not the first's
+    assert 0.2 <= got[-1][1] - last_put < 0.5       # its own timeout, not the first's
 
 
 def test_a_send_queue_arms_one_timer_for_waits_that_follow_one_another(monkeypatch):
@@ -535,7 +535,7 @@ def test_a_shorter_wait_on_a_send_queue_ends_at_its_own_timeout():
         began = time.monotonic()
         wait_on(queue, 0.1, got)
     assert got[0] == "first" and got[1][0] == "empty"
-    assert 0.1 <= got[1][1] - began < 0.25
+    assert 0.1 <= got[1][1] - began < 1.0           # not the armed 5 s
 
 
 def test_the_next_waiter_on_a_send_queue_gets_its_whole_timeout():
@@ -551,7 +551,7 @@ def test_the_next_waiter_on_a_send_queue_gets_its_whole_timeout():
     writer = adapters.eventlet.spawn(wait_on, queue, 0.2, got)
     with adapters.eventlet.Timeout(10):
         writer.wait()
-    assert got[0][0] == "empty" and 0.2 <= got[0][1] - began < 0.35
+    assert got[0][0] == "empty" and 0.2 <= got[0][1] - began < 0.5
 
 
 def test_the_servers_sockets_queue_their_packets_in_a_send_queue(tmp_path):
