@@ -313,13 +313,22 @@ class CheckedEngineServer(engineio.Server):
 class SendQueue(eventlet.queue.Queue):
     """The queue of packets waiting to go out on one Engine.IO socket.
 
-    Its writer waits on it with a timeout (ping interval + ping timeout) after
-    every packet it sends, and eventlet arms a hub timer for each such wait and
-    cancels it when a packet comes: ~10,000 instructions per packet sent, 6.5 %
-    of a chat message to 10 (callgrind). Here one timer serves the waits that
-    follow one another: when it fires it looks at the wait in progress and throws
-    Empty into it, or arms again for what is left of that wait's timeout. A
-    closed socket's queue is kept by its timer until that fires (45 s at most)."""
+    Its writer (python-engineio's Socket.poll) takes what is waiting as a
+    batch: one wait with a timeout (ping interval + ping timeout), then gets
+    without waiting until Empty. Two things are done differently here:
+
+    - eventlet arms a hub timer for each timed wait and cancels it when a
+      packet comes: ~10,000 instructions per packet sent, 6.5 % of a chat
+      message to 10 (callgrind). Here one timer serves the waits that follow
+      one another: when it fires it looks at the wait in progress and throws
+      Empty into it, or arms again for what is left of that wait's timeout. A
+      closed socket's queue is kept by its timer until that fires (45 s at most).
+    - python-engineio writes each packet of a batch with a sendall of its own.
+      The queue remembers who took the batch and how much of it is left, so
+      CheckedFrames can hold a frame while more of the batch follows and send
+      them with one sendall: an ack and the event behind it (an order's) leave
+      in one TCP segment, one syscall of ~12 µs less; orders 0.85 → 0.91 of
+      8f40587 per server CPU-second (10 interleaved rounds)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -327,17 +336,45 @@ class SendQueue(eventlet.queue.Queue):
         self.deadline = 0.0               # when that wait ends
         self.timer: Any = None
         self.due = 0.0                    # when the timer fires
+        self.batch = 0                    # packets taken since the last wait
+        self.sender: Any = None           # the greenlet that took a whole batch
 
     def get(self, block: bool = True, timeout: float | None = None) -> Any:
-        if not block or timeout is None or self.qsize() or self.getters:
-            return super().get(block, timeout)   # (two waiters: each its own timer)
+        if block:                         # a batch begins
+            self.sender = None
+            item = self.wait_for_packet(timeout)
+            self.batch = 1
+            return item
+        try:
+            item = super().get(block=False)
+        except eventlet.queue.Empty:      # the batch is complete: its writer sends it now
+            self.sender = eventlet.getcurrent()
+            raise
+        self.batch += 1
+        return item
+
+    def more_to_send(self) -> bool:
+        """Asked before each packet is written: whether the greenlet writing
+        it has more of its batch to write right after, without a yield (so
+        the packet may wait for them)."""
+        if self.sender is not eventlet.getcurrent():
+            return False
+        self.batch -= 1
+        if self.batch > 0:
+            return True
+        self.sender = None
+        return False
+
+    def wait_for_packet(self, timeout: float | None) -> Any:
+        if timeout is None or self.qsize() or self.getters:
+            return super().get(True, timeout)    # (two waiters: each its own timer)
         hub = eventlet.hubs.get_hub()
         self.deadline = hub.clock() + timeout
         if self.timer is None:
             self.due = self.deadline
             self.timer = hub.schedule_call_global(timeout, self.expire)
         elif self.deadline < self.due:           # a shorter timeout than the armed one
-            return super().get(block, timeout)
+            return super().get(True, timeout)
         self.waiting = eventlet.getcurrent()
         try:
             return super().get()
@@ -382,15 +419,36 @@ class CheckedFrames:
     closes the websocket with a close code and reason, and one log line; so
     does a message above the payload limit, and every close eventlet makes
     for its own reasons (a frame above the limit: 1009). Closing twice is a
-    no-op, so no "socket shutdown error" follows."""
+    no-op, so no "socket shutdown error" follows.
 
-    def __init__(self, sio: StrictServer, ws: Any, eio_sid: str) -> None:
+    It is also the websocket python-engineio writes to: a frame is held while
+    the socket's SendQueue says its writer has more of the batch to write, and
+    the batch goes out with one sendall (eventlet's send, minus one syscall
+    per frame held)."""
+
+    def __init__(self, sio: StrictServer, ws: Any, eio_sid: str, queue: Any = None) -> None:
         self.sio, self.ws, self.eio_sid, self.closed = sio, ws, eio_sid, False
         self.close_websocket = ws.close
         ws.close = self.close          # eventlet's own closes come here too
+        batches = isinstance(queue, SendQueue) and \
+            isinstance(ws, eventlet.websocket.RFC6455WebSocket)
+        self.queue: SendQueue | None = queue if batches else None
+        self.held: list[bytes] = []
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.ws, name)
+
+    def send(self, message: str | bytes) -> None:
+        if self.queue is None:
+            return self.ws.send(message)
+        frame = self.ws._pack_message(message)         # (deflated, if agreed)
+        if self.queue.more_to_send():                  # no yield until the batch's last
+            self.held.append(frame)
+            return
+        if self.held:
+            frame = b"".join((*self.held, frame))
+            self.held.clear()
+        self.ws._send(frame)                           # eventlet's sendall under its lock
 
     def wait(self) -> str | bytes | None:
         data = self.ws.wait()
@@ -430,8 +488,10 @@ class CheckedWebSocket(engineio_eventlet.WebSocketWSGI):
     """python-engineio's eventlet websocket, reading through CheckedFrames."""
 
     def __init__(self, handler: Callable, server: CheckedEngineServer) -> None:
-        eio_sid = getattr(getattr(handler, "__self__", None), "sid", "-")
-        super().__init__(lambda ws: handler(CheckedFrames(server.sio, ws, eio_sid)), server)
+        socket = getattr(handler, "__self__", None)      # the Engine.IO socket upgrading
+        eio_sid, queue = getattr(socket, "sid", "-"), getattr(socket, "queue", None)
+        super().__init__(
+            lambda ws: handler(CheckedFrames(server.sio, ws, eio_sid, queue)), server)
 
 
 # =============================================================================

@@ -1235,6 +1235,15 @@ def test_the_ack_comes_before_the_order_created_event(server):
     assert first_index(frames, "431") < first_index(frames, '42["order:created"')
 
 
+def test_a_socket_upgraded_from_long_polling_gets_every_ack_and_event(connect):
+    """socket.io-client's default: long-polling first, then the websocket; an
+    ack and the event behind it are written to it together."""
+    tab = connect(new_user_id(), transports=("polling", "websocket"))
+    assert tab.client.transport() == "websocket"
+    placed = {tab.call("order:create", EXAMPLE_ORDER)["order"]["_id"] for _ in range(5)}
+    assert {d["order"]["_id"] for d in tab.wait_count("order:created", 5)} == placed
+
+
 def test_one_sockets_events_are_handled_in_the_order_it_sent_them(server):
     """Sent back to back without waiting, a join, messages and a leave are
     handled in order: every message finds its sender in the room."""

@@ -562,6 +562,70 @@ def test_the_servers_sockets_queue_their_packets_in_a_send_queue(tmp_path):
         shop.store.close()
 
 
+def test_a_send_queue_tells_the_writer_of_a_batch_that_more_follows(tmp_path):
+    """python-engineio's Socket.poll takes every packet waiting; the queue then
+    answers more_to_send for each but the last, to the greenlet that took them
+    alone (the upgrade's probe, sent by another, goes out at once)."""
+    shop = server.Shop(server.Config(database=tmp_path / "shop.db"), "x" * 32)
+    try:
+        socket = adapters.engineio.socket.Socket(shop.sio.eio, "sid")
+        for n in range(3):
+            socket.queue.put(n)
+        packets = socket.poll()
+        elsewhere = adapters.eventlet.spawn(socket.queue.more_to_send).wait()
+        answers = [socket.queue.more_to_send() for _ in packets]
+        assert packets == [0, 1, 2] and answers == [True, True, False] and elsewhere is False
+        assert socket.queue.more_to_send() is False        # the batch is out
+        socket.queue.put(3)
+        assert socket.poll() == [3] and socket.queue.more_to_send() is False
+    finally:
+        shop.store.close()
+
+
+class CountedSends:
+    """A socket that counts its sendall calls."""
+
+    def __init__(self, sock) -> None:
+        self.sock, self.sendalls = sock, 0
+
+    def sendall(self, data: bytes) -> None:
+        self.sendalls += 1
+        self.sock.sendall(data)
+
+    def __getattr__(self, name: str):
+        return getattr(self.sock, name)
+
+
+@pytest.mark.parametrize("deflate", [False, True])
+def test_a_batch_goes_out_on_the_websocket_in_one_sendall(tmp_path, deflate):
+    """An ack and the event behind it: two frames, one write; each frame as
+    eventlet would have sent it (deflated, if agreed), in order."""
+    from eventlet.green import socket as green_socket
+    from eventlet.websocket import RFC6455WebSocket
+    shop = server.Shop(server.Config(database=tmp_path / "shop.db"), "x" * 32)
+    ours, theirs = green_socket.socketpair()
+    try:
+        extensions = {"permessage-deflate": {}} if deflate else None
+        ws = RFC6455WebSocket(ours, {}, extensions=extensions)
+        ws.socket = counted = CountedSends(ours)
+        client = RFC6455WebSocket(theirs, {}, client=True, extensions=extensions)
+        socket = adapters.engineio.socket.Socket(shop.sio.eio, "sid")
+        frames = adapters.CheckedFrames(shop.sio, ws, "sid", socket.queue)
+        batch = ['43[{"ok":true}]', '42["order:created",{"offset":"x"}]', "2"]
+        for text in batch:
+            socket.queue.put(text)
+        for text in socket.poll():                     # python-engineio's writer
+            frames.send(text)
+        assert counted.sendalls == 1
+        assert [client.wait() for _ in batch] == batch
+        frames.send("3probe")                          # outside a batch: at once
+        assert counted.sendalls == 2 and client.wait() == "3probe"
+    finally:
+        ours.close()
+        theirs.close()
+        shop.store.close()
+
+
 def test_a_send_queue_hands_out_packets_in_order_and_none_ends_the_writer():
     queue, got = adapters.SendQueue(), []
     for item in ("a", "b"):
