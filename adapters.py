@@ -433,6 +433,10 @@ class CheckedFrames:
         batches = isinstance(queue, SendQueue) and \
             isinstance(ws, eventlet.websocket.RFC6455WebSocket)
         self.queue: SendQueue | None = queue if batches else None
+        if self.queue is not None:
+            # A long-polling GET on this keep-alive connection may have taken
+            # the last batch; this greenlet's probe answer must not wait for it.
+            self.queue.sender = None
         self.held: list[bytes] = []
 
     def __getattr__(self, name: str) -> Any:

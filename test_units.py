@@ -596,19 +596,34 @@ class CountedSends:
         return getattr(self.sock, name)
 
 
-@pytest.mark.parametrize("deflate", [False, True])
-def test_a_batch_goes_out_on_the_websocket_in_one_sendall(tmp_path, deflate):
-    """An ack and the event behind it: two frames, one write; each frame as
-    eventlet would have sent it (deflated, if agreed), in order."""
+def websocket_pair(deflate: bool = False):
+    """A server websocket whose sendall calls are counted, its peer's socket,
+    and the frames eventlet itself would send (same extensions)."""
     from eventlet.green import socket as green_socket
     from eventlet.websocket import RFC6455WebSocket
-    shop = server.Shop(server.Config(database=tmp_path / "shop.db"), "x" * 32)
     ours, theirs = green_socket.socketpair()
+    extensions = {"permessage-deflate": {}} if deflate else None
+    ws = RFC6455WebSocket(ours, {}, extensions=extensions)
+    ws.socket = CountedSends(ours)
+    reference = RFC6455WebSocket(None, {}, extensions=extensions)
+    return ws, theirs, reference._pack_message
+
+
+def received(sock, size: int) -> bytes:
+    data = b""
+    with adapters.eventlet.Timeout(5):
+        while len(data) < size:
+            data += sock.recv(size - len(data))
+    return data
+
+
+@pytest.mark.parametrize("deflate", [False, True])
+def test_a_batch_goes_out_on_the_websocket_in_one_sendall(tmp_path, deflate):
+    """An ack and the event behind it: two frames, one write; the bytes are
+    eventlet's own frames (deflated, if agreed), in order."""
+    shop = server.Shop(server.Config(database=tmp_path / "shop.db"), "x" * 32)
+    ws, theirs, frame = websocket_pair(deflate)
     try:
-        extensions = {"permessage-deflate": {}} if deflate else None
-        ws = RFC6455WebSocket(ours, {}, extensions=extensions)
-        ws.socket = counted = CountedSends(ours)
-        client = RFC6455WebSocket(theirs, {}, client=True, extensions=extensions)
         socket = adapters.engineio.socket.Socket(shop.sio.eio, "sid")
         frames = adapters.CheckedFrames(shop.sio, ws, "sid", socket.queue)
         batch = ['43[{"ok":true}]', '42["order:created",{"offset":"x"}]', "2"]
@@ -616,12 +631,34 @@ def test_a_batch_goes_out_on_the_websocket_in_one_sendall(tmp_path, deflate):
             socket.queue.put(text)
         for text in socket.poll():                     # python-engineio's writer
             frames.send(text)
-        assert counted.sendalls == 1
-        assert [client.wait() for _ in batch] == batch
+        expected = b"".join(frame(text) for text in batch)
+        assert ws.socket.sendalls == 1 and received(theirs, len(expected)) == expected
+        assert bool(expected[0] & 0x40) is deflate     # RSV1: the frame is compressed
         frames.send("3probe")                          # outside a batch: at once
-        assert counted.sendalls == 2 and client.wait() == "3probe"
+        probe = frame("3probe")
+        assert ws.socket.sendalls == 2 and received(theirs, len(probe)) == probe
     finally:
-        ours.close()
+        ws.socket.close()
+        theirs.close()
+        shop.store.close()
+
+
+def test_the_upgrade_probe_goes_out_at_once_after_a_long_polling_batch(tmp_path):
+    """A client that sends its upgrade on the keep-alive connection of its
+    last long-polling GET: the greenlet that took that batch answers the probe."""
+    shop = server.Shop(server.Config(database=tmp_path / "shop.db"), "x" * 32)
+    ws, theirs, frame = websocket_pair()
+    try:
+        socket = adapters.engineio.socket.Socket(shop.sio.eio, "sid")
+        for text in ("40", '42["presence:online",{}]'):
+            socket.queue.put(text)
+        assert len(socket.poll()) == 2                 # the GET's answer, this greenlet
+        frames = adapters.CheckedFrames(shop.sio, ws, "sid", socket.queue)
+        frames.send("3probe")
+        probe = frame("3probe")
+        assert ws.socket.sendalls == 1 and received(theirs, len(probe)) == probe
+    finally:
+        ws.socket.close()
         theirs.close()
         shop.store.close()
 
