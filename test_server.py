@@ -1236,8 +1236,9 @@ def test_the_ack_comes_before_the_order_created_event(server):
 
 
 def test_a_socket_upgraded_from_long_polling_gets_every_ack_and_event(connect):
-    """socket.io-client's default: long-polling first, then the websocket; an
-    ack and the event behind it are written to it together."""
+    """socket.io-client's default: long-polling first, then the websocket
+    (whose writer sends a batch of packets in one write): the upgrade's probe
+    is answered, and every ack and event arrives."""
     tab = connect(new_user_id(), transports=("polling", "websocket"))
     assert tab.client.transport() == "websocket"
     placed = {tab.call("order:create", EXAMPLE_ORDER)["order"]["_id"] for _ in range(5)}

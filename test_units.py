@@ -562,24 +562,12 @@ def test_the_servers_sockets_queue_their_packets_in_a_send_queue(tmp_path):
         shop.store.close()
 
 
-def test_a_send_queue_tells_the_writer_of_a_batch_that_more_follows(tmp_path):
-    """python-engineio's Socket.poll takes every packet waiting; the queue then
-    answers more_to_send for each but the last, to the greenlet that took them
-    alone (the upgrade's probe, sent by another, goes out at once)."""
+@pytest.fixture
+def engine_socket(tmp_path):
+    """An Engine.IO socket of a real server object, its queue a SendQueue."""
     shop = server.Shop(server.Config(database=tmp_path / "shop.db"), "x" * 32)
-    try:
-        socket = adapters.engineio.socket.Socket(shop.sio.eio, "sid")
-        for n in range(3):
-            socket.queue.put(n)
-        packets = socket.poll()
-        elsewhere = adapters.eventlet.spawn(socket.queue.more_to_send).wait()
-        answers = [socket.queue.more_to_send() for _ in packets]
-        assert packets == [0, 1, 2] and answers == [True, True, False] and elsewhere is False
-        assert socket.queue.more_to_send() is False        # the batch is out
-        socket.queue.put(3)
-        assert socket.poll() == [3] and socket.queue.more_to_send() is False
-    finally:
-        shop.store.close()
+    yield adapters.engineio.socket.Socket(shop.sio.eio, "sid")
+    shop.store.close()
 
 
 class CountedSends:
@@ -596,17 +584,25 @@ class CountedSends:
         return getattr(self.sock, name)
 
 
-def websocket_pair(deflate: bool = False):
-    """A server websocket whose sendall calls are counted, its peer's socket,
-    and the frames eventlet itself would send (same extensions)."""
+@pytest.fixture
+def websocket_pair():
+    """make(deflate): a server websocket whose sendall calls are counted, its
+    peer's socket, and the frames eventlet itself would send (same extensions)."""
     from eventlet.green import socket as green_socket
     from eventlet.websocket import RFC6455WebSocket
-    ours, theirs = green_socket.socketpair()
-    extensions = {"permessage-deflate": {}} if deflate else None
-    ws = RFC6455WebSocket(ours, {}, extensions=extensions)
-    ws.socket = CountedSends(ours)
-    reference = RFC6455WebSocket(None, {}, extensions=extensions)
-    return ws, theirs, reference._pack_message
+    opened = []
+
+    def make(deflate: bool = False):
+        ours, theirs = green_socket.socketpair()
+        opened.extend((ours, theirs))
+        extensions = {"permessage-deflate": {}} if deflate else None
+        ws = RFC6455WebSocket(ours, {}, extensions=extensions)
+        ws.socket = CountedSends(ours)
+        reference = RFC6455WebSocket(None, {}, extensions=extensions)
+        return ws, theirs, reference._pack_message
+    yield make
+    for sock in opened:
+        sock.close()
 
 
 def received(sock, size: int) -> bytes:
@@ -617,50 +613,54 @@ def received(sock, size: int) -> bytes:
     return data
 
 
+def test_a_send_queue_tells_the_writer_of_a_batch_that_more_follows(engine_socket):
+    """python-engineio's Socket.poll takes every packet waiting; the queue then
+    answers more_to_send for each but the last, and only to the greenlet that
+    took them."""
+    queue = engine_socket.queue
+    for n in range(3):
+        queue.put(n)
+    packets = engine_socket.poll()
+    elsewhere = adapters.eventlet.spawn(queue.more_to_send).wait()
+    answers = [queue.more_to_send() for _ in packets]
+    assert packets == [0, 1, 2] and answers == [True, True, False] and elsewhere is False
+    assert queue.more_to_send() is False               # the batch is out
+    queue.put(3)
+    assert engine_socket.poll() == [3] and queue.more_to_send() is False
+
+
 @pytest.mark.parametrize("deflate", [False, True])
-def test_a_batch_goes_out_on_the_websocket_in_one_sendall(tmp_path, deflate):
+def test_a_batch_goes_out_on_the_websocket_in_one_sendall(engine_socket, websocket_pair,
+                                                          deflate):
     """An ack and the event behind it: two frames, one write; the bytes are
     eventlet's own frames (deflated, if agreed), in order."""
-    shop = server.Shop(server.Config(database=tmp_path / "shop.db"), "x" * 32)
     ws, theirs, frame = websocket_pair(deflate)
-    try:
-        socket = adapters.engineio.socket.Socket(shop.sio.eio, "sid")
-        frames = adapters.CheckedFrames(shop.sio, ws, "sid", socket.queue)
-        batch = ['43[{"ok":true}]', '42["order:created",{"offset":"x"}]', "2"]
-        for text in batch:
-            socket.queue.put(text)
-        for text in socket.poll():                     # python-engineio's writer
-            frames.send(text)
-        expected = b"".join(frame(text) for text in batch)
-        assert ws.socket.sendalls == 1 and received(theirs, len(expected)) == expected
-        assert bool(expected[0] & 0x40) is deflate     # RSV1: the frame is compressed
-        frames.send("3probe")                          # outside a batch: at once
-        probe = frame("3probe")
-        assert ws.socket.sendalls == 2 and received(theirs, len(probe)) == probe
-    finally:
-        ws.socket.close()
-        theirs.close()
-        shop.store.close()
+    frames = adapters.CheckedFrames(engine_socket.server.sio, ws, "sid", engine_socket.queue)
+    batch = ['43[{"ok":true}]', '42["order:created",{"offset":"x"}]', "2"]
+    for text in batch:
+        engine_socket.queue.put(text)
+    for text in engine_socket.poll():                  # python-engineio's writer
+        frames.send(text)
+    expected = b"".join(frame(text) for text in batch)
+    assert ws.socket.sendalls == 1 and received(theirs, len(expected)) == expected
+    assert bool(expected[0] & 0x40) is deflate         # RSV1: the frame is compressed
+    frames.send("3probe")                              # outside a batch: at once
+    probe = frame("3probe")
+    assert ws.socket.sendalls == 2 and received(theirs, len(probe)) == probe
 
 
-def test_the_upgrade_probe_goes_out_at_once_after_a_long_polling_batch(tmp_path):
+def test_the_upgrade_probe_goes_out_at_once_after_a_long_polling_batch(engine_socket,
+                                                                       websocket_pair):
     """A client that sends its upgrade on the keep-alive connection of its
     last long-polling GET: the greenlet that took that batch answers the probe."""
-    shop = server.Shop(server.Config(database=tmp_path / "shop.db"), "x" * 32)
     ws, theirs, frame = websocket_pair()
-    try:
-        socket = adapters.engineio.socket.Socket(shop.sio.eio, "sid")
-        for text in ("40", '42["presence:online",{}]'):
-            socket.queue.put(text)
-        assert len(socket.poll()) == 2                 # the GET's answer, this greenlet
-        frames = adapters.CheckedFrames(shop.sio, ws, "sid", socket.queue)
-        frames.send("3probe")
-        probe = frame("3probe")
-        assert ws.socket.sendalls == 1 and received(theirs, len(probe)) == probe
-    finally:
-        ws.socket.close()
-        theirs.close()
-        shop.store.close()
+    for text in ("40", '42["presence:online",{}]'):
+        engine_socket.queue.put(text)
+    assert len(engine_socket.poll()) == 2              # the GET's answer, this greenlet
+    frames = adapters.CheckedFrames(engine_socket.server.sio, ws, "sid", engine_socket.queue)
+    frames.send("3probe")
+    probe = frame("3probe")
+    assert ws.socket.sendalls == 1 and received(theirs, len(probe)) == probe
 
 
 def test_a_send_queue_hands_out_packets_in_order_and_none_ends_the_writer():
